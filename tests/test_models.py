@@ -1,0 +1,209 @@
+"""SPEC sections 2, 3, 10: the UNet and DSNO share one backbone; zeroed TimeConvs give the teacher."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from dsno_jax import diffusion, models
+
+B = 2
+
+
+def perturbed(params, key, scale=0.05):
+  """Adds noise to every parameter, so that zero-initialised layers are not identities."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree_util.tree_unflatten(
+      treedef, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def zero_time_convs(params):
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict(
+      {p: (jnp.zeros_like(v) if models.build.is_time_conv_path(p) else v)
+       for p, v in flat.items()})
+
+
+def make_config(conditional=True, resblock_resample=False, mean_type="x"):
+  config = tiny.get_config()
+  config.data.num_classes = 10 if conditional else 1
+  config.model.resblock_resample = resblock_resample
+  config.teacher.mean_type = mean_type
+  return config
+
+
+@pytest.fixture(scope="module", params=[(True, False), (False, True)],
+                ids=["conditional-conv_resample", "unconditional-resblock_resample"])
+def setup(request):
+  conditional, resample = request.param
+  config = make_config(conditional, resample)
+  teacher_params = perturbed(models.init_teacher(config, jax.random.PRNGKey(0)),
+                             jax.random.PRNGKey(1))
+  student_params = models.student_params_from_teacher(
+      teacher_params, models.init_student(config, jax.random.PRNGKey(2)), "x")
+  key = jax.random.PRNGKey(3)
+  noise = jax.random.normal(key, (B, 8, 8, 1))
+  labels = jnp.array([3, 7]) if conditional else None
+  logsnr = diffusion.save_logsnrs(config)
+  return config, teacher_params, student_params, noise, labels, jnp.asarray(logsnr)
+
+
+def test_zeroed_time_convs_give_the_teacher_at_every_time(setup):
+  config, teacher_params, student_params, noise, labels, logsnr = setup
+  k = logsnr.shape[0]
+  student = models.student_from_config(config)
+  out = student.apply({"params": zero_time_convs(student_params)}, noise, logsnr, labels,
+                      train=False)
+  assert out.shape == (B, k, 8, 8, 1)
+  teacher = models.teacher_from_config(config)
+  for i in range(k):
+    want = teacher.apply({"params": teacher_params}, noise, jnp.full((B,), logsnr[i]), labels,
+                         train=False)
+    np.testing.assert_allclose(out[:, i], want, atol=1e-5, rtol=1e-5)
+  # the comparison means something: the teacher's outputs differ across times
+  assert float(jnp.abs(out[:, 0] - out[:, -1]).max()) > 1e-3
+  # and non-zero TimeConvs do change the output
+  moved = student.apply({"params": perturbed(student_params, jax.random.PRNGKey(9), 1.0)},
+                        noise, logsnr, labels, train=False)
+  assert float(jnp.abs(moved - out).max()) > 1e-3
+
+
+def test_teacher_paths_are_in_the_student_and_extras_are_time_convs(setup):
+  config, teacher_params, student_params, *_ = setup
+  t = flax.traverse_util.flatten_dict(teacher_params)
+  s = flax.traverse_util.flatten_dict(student_params)
+  for path, value in t.items():
+    assert path in s, path
+    assert s[path].shape == value.shape, path
+  extra = sorted({p[0] for p in s if p not in t})
+  levels = len(config.model.ch_mult)
+  nb = config.model.num_res_blocks
+  want = ([f"down_{i}.time_conv_{j}" for i in range(levels) for j in range(nb)]
+          + ["mid.time_conv"]
+          + [f"up_{i}.time_conv_{j}" for i in range(levels) for j in range(nb + 1)])
+  assert extra == sorted(want)
+  for name in want:
+    assert set(student_params[name]) == {"weight_real", "weight_imag"}
+
+
+def test_pd_parameter_names_and_shapes():
+  """The Progressive-Distillation layout: names and shapes of a conditional teacher."""
+  config = make_config(conditional=True)
+  shapes = models.param_shapes(models.init_teacher, config)
+  flat = {"/".join(p): v.shape for p, v in flax.traverse_util.flatten_dict(shapes).items()}
+  ch, emb = config.model.ch, config.model.emb_ch
+  assert flat["dense0/kernel"] == (ch, emb)
+  assert flat["dense1/kernel"] == (emb, emb)
+  assert flat["class_emb/kernel"] == (10, emb)
+  assert flat["conv_in/kernel"] == (3, 3, 1, ch)
+  assert flat["down_0.block_0/norm1/scale"] == (ch,)
+  assert flat["down_0.block_0/temb_proj/kernel"] == (emb, 2 * ch)
+  assert flat["down_0.downsample/kernel"] == (3, 3, ch, ch)
+  assert flat["down_1.block_0/nin_shortcut/kernel"] == (ch, 2 * ch)
+  assert flat["down_1.attn_0/q/kernel"] == (2 * ch, 1, 2 * ch)
+  assert flat["down_1.attn_0/proj_out/kernel"] == (1, 2 * ch, 2 * ch)
+  assert flat["mid.attn_1/norm/bias"] == (2 * ch,)
+  assert flat["up_1.block_0/conv1/kernel"] == (3, 3, 4 * ch, 2 * ch)
+  assert flat["up_1.upsample/kernel"] == (3, 3, 2 * ch, 2 * ch)
+  assert flat["up_0.block_1/conv2/kernel"] == (3, 3, ch, ch)
+  assert flat["norm_out/scale"] == (ch,)
+  assert flat["conv_out/kernel"] == (3, 3, ch, 1)
+  assert "up_0.upsample/kernel" not in flat and "down_1.downsample/kernel" not in flat
+
+
+def test_both_teacher_initialises_the_student_with_the_x_half():
+  config = make_config(conditional=False, mean_type="both")
+  teacher_params = perturbed(models.init_teacher(config, jax.random.PRNGKey(0)),
+                             jax.random.PRNGKey(1))
+  assert teacher_params["conv_out"]["kernel"].shape[-1] == 2
+  student_params = models.student_params_from_teacher(
+      teacher_params, models.init_student(config, jax.random.PRNGKey(2)), "both")
+  np.testing.assert_array_equal(student_params["conv_out"]["kernel"],
+                                teacher_params["conv_out"]["kernel"][..., :1])
+  np.testing.assert_array_equal(student_params["conv_out"]["bias"],
+                                teacher_params["conv_out"]["bias"][:1])
+
+
+def test_student_from_a_teacher_of_another_config_is_refused():
+  small = models.init_teacher(make_config(), jax.random.PRNGKey(0))
+  config = make_config()
+  config.model.ch = 64
+  with pytest.raises(ValueError, match="wrongly shaped"):
+    models.student_params_from_teacher(small, models.param_shapes(models.init_student, config), "x")
+
+
+def test_bfloat16_compute_is_finite_and_close(setup):
+  config, _, student_params, noise, labels, logsnr = setup
+  student_params = perturbed(student_params, jax.random.PRNGKey(5), 0.02)
+  f32 = models.student_from_config(config).apply({"params": student_params}, noise, logsnr,
+                                                 labels, train=False)
+  config.model.dtype = "bfloat16"
+  bf16 = models.student_from_config(config).apply({"params": student_params}, noise, logsnr,
+                                                  labels, train=False)
+  config.model.dtype = "float32"
+  assert bool(jnp.all(jnp.isfinite(bf16)))
+  rel = float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32))
+  assert rel < 2e-2, rel
+
+
+def test_dropout_is_active_only_in_training():
+  config = make_config()
+  config.model.dropout = 0.5
+  model = models.teacher_from_config(config)
+  params = perturbed(models.init_teacher(config, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+  x, y, lam = jnp.ones((1, 8, 8, 1)), jnp.array([1]), jnp.zeros((1,))
+  a = model.apply({"params": params}, x, lam, y, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  b = model.apply({"params": params}, x, lam, y, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+  c = model.apply({"params": params}, x, lam, y, train=False)
+  d = model.apply({"params": params}, x, lam, y, train=False)
+  assert float(jnp.abs(a - b).max()) > 1e-4
+  np.testing.assert_array_equal(c, d)
+
+
+@pytest.fixture(scope="module")
+def shape_params():
+  config = make_config()
+  return (config, models.param_shapes(models.init_teacher, config),
+          models.param_shapes(models.init_student, config))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("rank", r"shape \(8, 8, 1\); expected rank 4"),
+    ("non_square", r"8x4 pixels; expected a square image"),
+    ("size", r"16x16 pixels; expected 8x8"),
+    ("logsnr_len", r"logsnr has shape \(3,\); expected \(4,\)"),
+    ("labels_missing", r"labels missing: the model is conditional on 10 classes"),
+    ("labels_shape", r"labels have shape \(3,\); expected \(2,\)"),
+])
+def test_student_bad_input_raises_value_error(shape_params, case, match):
+  config, _, sparams = shape_params
+  student = models.student_from_config(config)
+  x, y, lam = jnp.zeros((2, 8, 8, 1)), jnp.array([1, 2]), jnp.zeros((4,))
+  args = {"rank": (x[0], lam, y), "non_square": (x[:, :, :4], lam, y),
+          "size": (jnp.zeros((2, 16, 16, 1)), lam, y), "logsnr_len": (x, lam[:3], y),
+          "labels_missing": (x, lam, None), "labels_shape": (x, lam, jnp.array([1, 2, 3]))}[case]
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda p: student.apply({"params": p}, *args, train=False), sparams)
+
+
+def test_teacher_bad_input_raises_value_error(shape_params):
+  config, tparams, _ = shape_params
+  teacher = models.teacher_from_config(config)
+  x = jnp.zeros((2, 8, 8, 1))
+  with pytest.raises(ValueError, match=r"logsnr has shape \(3,\); expected \(2,\)"):
+    jax.eval_shape(lambda p: teacher.apply({"params": p}, x, jnp.zeros(3), jnp.array([1, 2]),
+                                           train=False), tparams)
+  unconditional = make_config(conditional=False)
+  with pytest.raises(ValueError, match=r"labels given to an unconditional model"):
+    models.teacher_from_config(unconditional).init(jax.random.PRNGKey(0), x, jnp.zeros(2),
+                                                   jnp.array([1, 2]), train=False)
+
+
+def test_image_size_that_levels_cannot_halve():
+  config = make_config()
+  config.model.ch_mult = (1, 1, 1)
+  config.data.image_size = 6
+  with pytest.raises(ValueError, match=r"image size 6 cannot be halved 2 times"):
+    models.param_shapes(models.init_teacher, config)
