@@ -1,0 +1,1 @@
+"""Data: TFDS image pipelines per host, the digits builder, trajectory datasets."""

@@ -1,0 +1,1 @@
+"""Evaluation: FID as a clu metric, Inception-v3, the digits classifier, sampling and plots."""

@@ -1,0 +1,22 @@
+"""Entry point: `python -m dsno_jax.main --config=configs/X.py --workdir=DIR --mode=MODE`."""
+from absl import app, flags
+from ml_collections import config_flags
+
+from dsno_jax import modes
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, data, logs and pictures.")
+flags.DEFINE_enum("mode", "pipeline", list(modes.MODES), "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Training: state and EMA, losses, sharding, the loop, orbax checkpoints."""
