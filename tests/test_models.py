@@ -7,16 +7,23 @@ import pytest
 
 from configs import tiny
 from dsno_jax import diffusion, models
+from param_utils import random_params
 
 B = 2
 
 
-def perturbed(params, key, scale=0.05):
-  """Adds noise to every parameter, so that zero-initialised layers are not identities."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree_util.tree_unflatten(
-      treedef, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+def teacher_params(config, seed=0):
+  """Random (not initialiser) values, so that zero-initialised layers are not identities."""
+  return random_params(models.param_shapes(models.init_teacher, config), seed)
+
+
+def student_params(config, seed=1):
+  return random_params(models.param_shapes(models.init_student, config), seed)
+
+
+def perturbed(params, seed, scale=0.05):
+  return jax.tree_util.tree_map(lambda p, q: p + q, params,
+                                random_params(params, seed, scale))
 
 
 def zero_time_convs(params):
@@ -24,6 +31,11 @@ def zero_time_convs(params):
   return flax.traverse_util.unflatten_dict(
       {p: (jnp.zeros_like(v) if models.build.is_time_conv_path(p) else v)
        for p, v in flat.items()})
+
+
+def jit_apply(model, train=False, **kw):
+  """model.apply(variables, *args) jitted once per model (eager CPU execution is slow)."""
+  return jax.jit(lambda variables, *args: model.apply(variables, *args, train=train, **kw))
 
 
 def make_config(conditional=True, resblock_resample=False, mean_type="x"):
@@ -39,34 +51,32 @@ def make_config(conditional=True, resblock_resample=False, mean_type="x"):
 def setup(request):
   conditional, resample = request.param
   config = make_config(conditional, resample)
-  teacher_params = perturbed(models.init_teacher(config, jax.random.PRNGKey(0)),
-                             jax.random.PRNGKey(1))
-  student_params = models.student_params_from_teacher(
-      teacher_params, models.init_student(config, jax.random.PRNGKey(2)), "x")
+  tparams = teacher_params(config)
+  sparams = models.student_params_from_teacher(tparams, student_params(config), "x")
   key = jax.random.PRNGKey(3)
   noise = jax.random.normal(key, (B, 8, 8, 1))
   labels = jnp.array([3, 7]) if conditional else None
   logsnr = diffusion.save_logsnrs(config)
-  return config, teacher_params, student_params, noise, labels, jnp.asarray(logsnr)
+  return config, tparams, sparams, noise, labels, jnp.asarray(logsnr)
 
 
 def test_zeroed_time_convs_give_the_teacher_at_every_time(setup):
   config, teacher_params, student_params, noise, labels, logsnr = setup
   k = logsnr.shape[0]
-  student = models.student_from_config(config)
-  out = student.apply({"params": zero_time_convs(student_params)}, noise, logsnr, labels,
-                      train=False)
+  student = jit_apply(models.student_from_config(config))
+  out = student({"params": zero_time_convs(student_params)}, noise, logsnr, labels)
   assert out.shape == (B, k, 8, 8, 1)
-  teacher = models.teacher_from_config(config)
+  # the teacher once on the K*B frames: frame i*B + b is noise b at logsnr i
+  teacher = jit_apply(models.teacher_from_config(config))
+  tiled = lambda a: None if a is None else jnp.concatenate([a] * k)
+  want = teacher({"params": teacher_params}, tiled(noise), jnp.repeat(logsnr, B), tiled(labels))
   for i in range(k):
-    want = teacher.apply({"params": teacher_params}, noise, jnp.full((B,), logsnr[i]), labels,
-                         train=False)
-    np.testing.assert_allclose(out[:, i], want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[:, i], want[i * B:(i + 1) * B], atol=1e-5, rtol=1e-5)
   # the comparison means something: the teacher's outputs differ across times
   assert float(jnp.abs(out[:, 0] - out[:, -1]).max()) > 1e-3
   # and non-zero TimeConvs do change the output
-  moved = student.apply({"params": perturbed(student_params, jax.random.PRNGKey(9), 1.0)},
-                        noise, logsnr, labels, train=False)
+  moved = student({"params": perturbed(student_params, 9, 1.0)},
+                   noise, logsnr, labels)
   assert float(jnp.abs(moved - out).max()) > 1e-3
 
 
@@ -115,33 +125,30 @@ def test_pd_parameter_names_and_shapes():
 
 def test_both_teacher_initialises_the_student_with_the_x_half():
   config = make_config(conditional=False, mean_type="both")
-  teacher_params = perturbed(models.init_teacher(config, jax.random.PRNGKey(0)),
-                             jax.random.PRNGKey(1))
-  assert teacher_params["conv_out"]["kernel"].shape[-1] == 2
-  student_params = models.student_params_from_teacher(
-      teacher_params, models.init_student(config, jax.random.PRNGKey(2)), "both")
-  np.testing.assert_array_equal(student_params["conv_out"]["kernel"],
-                                teacher_params["conv_out"]["kernel"][..., :1])
-  np.testing.assert_array_equal(student_params["conv_out"]["bias"],
-                                teacher_params["conv_out"]["bias"][:1])
+  tparams = teacher_params(config)
+  assert tparams["conv_out"]["kernel"].shape[-1] == 2
+  sparams = models.student_params_from_teacher(tparams, student_params(config), "both")
+  np.testing.assert_array_equal(sparams["conv_out"]["kernel"], tparams["conv_out"]["kernel"][..., :1])
+  np.testing.assert_array_equal(sparams["conv_out"]["bias"], tparams["conv_out"]["bias"][:1])
+  np.testing.assert_array_equal(sparams["dense0"]["kernel"], tparams["dense0"]["kernel"])
 
 
 def test_student_from_a_teacher_of_another_config_is_refused():
-  small = models.init_teacher(make_config(), jax.random.PRNGKey(0))
+  small = teacher_params(make_config())
   config = make_config()
   config.model.ch = 64
-  with pytest.raises(ValueError, match="wrongly shaped"):
-    models.student_params_from_teacher(small, models.param_shapes(models.init_student, config), "x")
+  with pytest.raises(ValueError, match=r"wrongly shaped: \['conv_in/bias: teacher \(32,\) vs student \(64,\)"):
+    models.student_params_from_teacher(small, student_params(config), "x")
 
 
 def test_bfloat16_compute_is_finite_and_close(setup):
   config, _, student_params, noise, labels, logsnr = setup
-  student_params = perturbed(student_params, jax.random.PRNGKey(5), 0.02)
-  f32 = models.student_from_config(config).apply({"params": student_params}, noise, logsnr,
-                                                 labels, train=False)
+  student_params = perturbed(student_params, 5, 0.02)
+  f32 = jit_apply(models.student_from_config(config))({"params": student_params}, noise, logsnr,
+                                                     labels)
   config.model.dtype = "bfloat16"
-  bf16 = models.student_from_config(config).apply({"params": student_params}, noise, logsnr,
-                                                  labels, train=False)
+  bf16 = jit_apply(models.student_from_config(config))({"params": student_params}, noise,
+                                                      logsnr, labels)
   config.model.dtype = "float32"
   assert bool(jnp.all(jnp.isfinite(bf16)))
   rel = float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32))
@@ -152,12 +159,13 @@ def test_dropout_is_active_only_in_training():
   config = make_config()
   config.model.dropout = 0.5
   model = models.teacher_from_config(config)
-  params = perturbed(models.init_teacher(config, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+  params = teacher_params(config)
   x, y, lam = jnp.ones((1, 8, 8, 1)), jnp.array([1]), jnp.zeros((1,))
-  a = model.apply({"params": params}, x, lam, y, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
-  b = model.apply({"params": params}, x, lam, y, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
-  c = model.apply({"params": params}, x, lam, y, train=False)
-  d = model.apply({"params": params}, x, lam, y, train=False)
+  train = jax.jit(lambda p, r: model.apply({"params": p}, x, lam, y, train=True,
+                                           rngs={"dropout": r}))
+  evaluate = jit_apply(model)
+  a, b = train(params, jax.random.PRNGKey(1)), train(params, jax.random.PRNGKey(2))
+  c, d = evaluate({"params": params}, x, lam, y), evaluate({"params": params}, x, lam, y)
   assert float(jnp.abs(a - b).max()) > 1e-4
   np.testing.assert_array_equal(c, d)
 
@@ -207,3 +215,12 @@ def test_image_size_that_levels_cannot_halve():
   config.data.image_size = 6
   with pytest.raises(ValueError, match=r"image size 6 cannot be halved 2 times"):
     models.param_shapes(models.init_teacher, config)
+
+
+def test_overview_prints_both_tables_and_totals(shape_params):
+  from dsno_jax.models.__main__ import overview
+  config, tshapes, sshapes = shape_params
+  text = overview(config, max_lines=5)
+  assert f"teacher parameters: {models.count_params(tshapes):,}" in text
+  assert f"student parameters: {models.count_params(sshapes):,}" in text
+  assert "== teacher ==" in text and "== student ==" in text
