@@ -28,6 +28,12 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     "pytest",
     "pytest-timeout",
+    # tests/test_inception.py compares the Flax Inception with pytorch-fid's (random weights).
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "pytorch-fid",
+    # tests/test_perceptual.py compares LPIPS and the VGG feature distance with the lpips package.
+    "lpips",
 ]
 
 setuptools.setup(

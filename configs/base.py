@@ -43,6 +43,7 @@ def get_config():
   t.mean_type = "x"  # network output: "x" | "eps" | "v" | "both"
   t.clip_x = True  # clip x-hat to [-1, 1] in the denoiser
   t.checkpoint = ""  # PD msgpack or dsno_jax orbax checkpoint; "" = train here
+  t.kind = "unet"  # "unet" (a network) | "digits_mixture" (exact Gaussian mixture of the digits)
   # Teacher training (mode train_teacher), for data sets with no published teacher.
   t.train = tt = ml_collections.ConfigDict()
   tt.batch_size = 64  # global batch (examples)
@@ -51,6 +52,14 @@ def get_config():
   tt.warmup_steps = 100  # linear warm-up length (steps)
   tt.ema_decay = 0.999  # EMA of parameters, per step
   tt.loss_weighting = "snr_trunc"  # "snr_trunc" (max(SNR, 1) on x) | "eps" | "v"
+  # The rest as in config.train (the student's section), for the teacher's run:
+  tt.b1, tt.b2, tt.eps = 0.9, 0.999, 1e-8  # Adam
+  tt.warmup_init = 1e-3  # warm-up starts at this fraction of the learning rate
+  tt.milestones, tt.decay = (), 0.5  # steps at which the learning rate is multiplied by decay
+  tt.grad_clip, tt.grad_accum = 0.0, 1  # global-norm clip (0 = off); micro-batches per step
+  tt.log_every, tt.checkpoint_every, tt.keep_checkpoints = 50, 500, 3  # steps, steps, count
+  tt.sample_every = 0  # steps between sample grids (0 = off)
+  tt.fsdp = False  # shard parameters and optimiser state over devices
 
   # --- teacher trajectories (SPEC section 4, mode generate) -----------------
   config.trajectory = g = ml_collections.ConfigDict()
@@ -82,6 +91,7 @@ def get_config():
   s.grad_clip = 0.0  # global-norm clip (0 = off)
   s.grad_accum = 1  # micro-batches per optimiser step
   s.loss = "l2"  # "l1" | "l2" | "vgg" | "lpips"
+  s.perceptual_weights = ""  # losses vgg/lpips: converted .npz of VGG16 (+ LPIPS heads)
   s.time_weighting = "uniform"  # "uniform" | "snr" (clip(exp(lam/2), 1, 1e4))
   s.init_from_teacher = True  # copy teacher weights into the student
   s.log_every = 50  # steps between metric writes
@@ -96,8 +106,17 @@ def get_config():
   e.batch_size = 250  # global batch of sampling
   e.teacher_solvers = ("ddim", "dpm2m")  # teacher solvers to compare
   e.teacher_nfes = (1, 2, 4, 8, 16, 64)  # teacher NFEs to compare
+  e.accurate_solver = "dopri5"  # the teacher's reference ("accurate") solve
+  e.accurate_tolerance = 1e-4  # its rtol = atol
+  e.classifier_steps = 600  # optimiser steps of the FD-digits classifier
   e.reference_stats = ""  # .npz with mu and sigma; "" = computed from data
   e.inception_weights = ""  # converted inception_fid.npz
+
+  # --- several processes (jax.distributed); unset = environment / auto-detection ----------
+  config.distributed = dd = ml_collections.ConfigDict()
+  dd.coordinator_address = ""  # "host:port" of process 0 ("" = JAX_COORDINATOR_ADDRESS)
+  dd.num_processes = 0  # processes in the run (0 = JAX_NUM_PROCESSES or auto-detect)
+  dd.process_id = -1  # this process (-1 = JAX_PROCESS_ID or auto-detect)
 
   config.profile = False  # write a jax.profiler trace of a few steps
   return config

@@ -13,7 +13,11 @@ def get_config():
   m.dropout, m.resblock_resample = 0.2, True
 
   config.teacher.mean_type = "x"
-  config.teacher.train.num_steps = 800_000
+  # Teacher training (mode train_teacher) when no published teacher is used; PD-style:
+  t = config.teacher.train
+  t.batch_size, t.num_steps, t.learning_rate, t.warmup_steps = 128, 800_000, 2e-4, 5000
+  t.ema_decay, t.grad_clip, t.loss_weighting = 0.9999, 1.0, "snr_trunc"
+  t.log_every, t.checkpoint_every, t.sample_every = 100, 5000, 20_000
 
   g = config.trajectory
   g.solver, g.num_steps, g.grid = "ddim", 512, "uniform_t"

@@ -1,0 +1,210 @@
+"""Teacher ODE solvers: accuracy against NFE on the exact digits-mixture teacher, and UNet speed.
+
+  python benchmarks/solvers.py [--out benchmarks/results/] [--skip_unet]
+
+Part 1: RMSE of the final x-hat (t=0) of every solver and grid against a float64 Dopri8
+solve at tolerance 1e-10, on 64 noise draws of the 10-component digits mixture (64 dims,
+exact denoiser), for NFE 8..1024 and adaptive Tsit5/Dopri5 at several tolerances. Reports
+the NFE at which each solver first reaches the accuracy of DDIM with 512 uniform-t steps.
+Part 2: trajectories/s of a randomly initialised UNet teacher (the bench configuration,
+batch 8) with DDIM at a few step counts. Prints tables; writes solvers.json and solvers.png.
+"""
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import base
+from dsno_jax import diffusion, models, ode, teachers
+
+NFES = (8, 16, 32, 64, 128, 256, 512, 1024)
+TOLERANCES = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+REFERENCE_TOL = 1e-10
+FINAL = (0.0,)  # only the sample matters for the accuracy table
+FINAL_LOGSNR = ode.logsnr_of_times(FINAL, -20.0, 20.0)
+
+
+def _rmse(a, b) -> float:
+  return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
+def reference(mixture, z1):
+  """Float64 Dopri8 final x-hat at REFERENCE_TOL, and its distance to the 10x looser solve."""
+  with jax.enable_x64(True):
+    z64 = jnp.asarray(np.asarray(z1), jnp.float64)
+    solve = jax.jit(lambda z, tol: ode.integrate(
+        mixture.denoise, z, FINAL_LOGSNR, solver="dopri8", rtol=tol, atol=tol))
+    x_ref, stats = solve(z64, REFERENCE_TOL)
+    x_loose, _ = solve(z64, 10 * REFERENCE_TOL)
+    return np.asarray(x_ref[:, -1]), _rmse(x_ref, x_loose), float(np.mean(stats["nfe"]))
+
+
+def fixed_step_sweep(mixture, z1, x_ref, nfes):
+  """{solver: {grid: {nfe: rmse}}} for the fixed-step solvers; one compile per (solver, length)."""
+  results = {}
+  for solver in ode.FIXED_STEP_SOLVERS:
+    solve = jax.jit(lambda z, grid, solver=solver: ode.integrate(
+        mixture.denoise, z, FINAL_LOGSNR, solver=solver, grid_logsnrs=grid)[0])
+    results[solver] = {}
+    for grid in ode.GRIDS:
+      results[solver][grid] = {}
+      for n in nfes:
+        assert ode.nfe(solver, n, grid, FINAL) == n
+        x = solve(z1, ode.logsnr_grid(n, grid, FINAL))
+        results[solver][grid][n] = _rmse(x[:, -1], x_ref)
+  return results
+
+
+def adaptive_sweep(mixture, z1, x_ref, tolerances):
+  """{solver: [(tol, mean nfe, rmse)]} for Tsit5 and Dopri5 under PID control (rtol = atol)."""
+  results = {}
+  for solver in ("tsit5", "dopri5"):
+    solve = jax.jit(lambda z, tol, solver=solver: ode.integrate(
+        mixture.denoise, z, FINAL_LOGSNR, solver=solver, rtol=tol, atol=tol))
+    results[solver] = []
+    for tol in tolerances:
+      x, stats = solve(z1, tol)
+      results[solver].append((tol, float(np.mean(stats["nfe"])), _rmse(x[:, -1], x_ref)))
+  return results
+
+
+def nfe_to_reach(curve, target):
+  """Smallest swept NFE with rmse <= target, and the log-log interpolated crossing (or None)."""
+  points = sorted(curve.items())
+  for i, (n, err) in enumerate(points):
+    if err <= target:
+      if i == 0:
+        return n, float(n)
+      (n0, e0), (n1, e1) = points[i - 1], (n, err)
+      frac = (np.log(e0) - np.log(target)) / (np.log(e0) - np.log(e1))
+      return n, float(np.exp(np.log(n0) + frac * (np.log(n1) - np.log(n0))))
+  return None, None
+
+
+def bench_config():
+  """The bench configuration of MEASUREMENTS.md: 32x32x3, ch 64, (1, 2, 2), attention at 16."""
+  config = base.get_config()
+  config.data.image_size, config.data.channels, config.data.num_classes = 32, 3, 1
+  m = config.model
+  m.ch, m.emb_ch, m.ch_mult, m.num_res_blocks = 64, 256, (1, 2, 2), 2
+  m.attn_resolutions, m.num_heads = (16,), 1
+  return config
+
+
+def unet_speed(step_counts, batch=8):
+  """[(steps, nfe incl. targets, compile s, run s, trajectories/s)] of DDIM on the bench UNet."""
+  config = bench_config()
+  params = models.init_teacher(config, jax.random.PRNGKey(0))
+  denoise = diffusion.unet_denoiser(models.teacher_from_config(config), params, "x")
+  z1 = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
+  save_times = tuple(config.trajectory.save_times)
+  rows = []
+  for steps in step_counts:
+    run = jax.jit(lambda z, steps=steps: ode.trajectory(
+        denoise, z, save_times, solver="ddim", num_steps=steps))
+    start = time.perf_counter()
+    compiled = run.lower(z1).compile()
+    compile_s = time.perf_counter() - start
+    run_s = float("inf")
+    for _ in range(2):  # the first run warms up; keep the faster (the machine is shared)
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(z1))
+      run_s = min(run_s, time.perf_counter() - start)
+    rows.append((steps, ode.nfe("ddim", steps, "uniform_t", save_times) + len(save_times),
+                 compile_s, run_s, batch / run_s))
+  return rows
+
+
+def plot(path, fixed, adaptive, target):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 5))
+  styles = {"uniform_t": "-", "uniform_logsnr": "--", "edm": ":"}
+  colors = {"ddim": "C0", "dpm2m": "C1", "dpm3m": "C2", "tsit5": "C3", "dopri5": "C4"}
+  for solver, grids in fixed.items():
+    for grid, curve in grids.items():
+      n, err = zip(*sorted(curve.items()))
+      ax.loglog(n, err, styles[grid], color=colors[solver], marker=".", label=f"{solver} {grid}")
+  for solver, rows in adaptive.items():
+    _, n, err = zip(*rows)
+    ax.loglog(n, err, "o", color=colors[solver], label=f"{solver} (PID)")
+  ax.axhline(target, color="k", lw=0.8, label="DDIM 512 uniform_t")
+  ax.set_xlabel("NFE")
+  ax.set_ylabel("RMSE of the final x-hat vs float64 Dopri8")
+  ax.set_title("PF-ODE solvers on the digits mixture (64 dims, 64 draws)")
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument("--num_draws", type=int, default=64)
+  parser.add_argument("--unet_steps", default="8,16", help="comma-separated DDIM step counts")
+  parser.add_argument("--skip_unet", action="store_true")
+  args = parser.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  start = time.perf_counter()
+
+  mixture = teachers.digits_mixture(8)
+  z1 = jax.random.normal(jax.random.PRNGKey(0), (args.num_draws, 8, 8, 1))
+  x_ref, ref_err, ref_nfe = reference(mixture, z1)
+  print(f"reference: float64 dopri8 tol {REFERENCE_TOL:g}, mean NFE {ref_nfe:.0f}, "
+        f"RMSE to the tol {10 * REFERENCE_TOL:g} solve {ref_err:.1e}")
+  fixed = fixed_step_sweep(mixture, z1, x_ref, NFES)
+  adaptive = adaptive_sweep(mixture, z1, x_ref, TOLERANCES)
+  target = fixed["ddim"]["uniform_t"][512]
+
+  print(f"\nRMSE of the final x-hat vs NFE (float32 solves, {args.num_draws} draws)")
+  print(f"{'solver':7s} {'grid':15s}" + "".join(f"{n:>9d}" for n in NFES) + "  NFE to DDIM-512")
+  reach = {}
+  for solver, grids in fixed.items():
+    for grid, curve in grids.items():
+      swept, crossing = nfe_to_reach(curve, target)
+      reach[f"{solver}/{grid}"] = {"swept": swept, "interpolated": crossing}
+      where = "-" if swept is None else f"{swept} (~{crossing:.0f})"
+      print(f"{solver:7s} {grid:15s}" + "".join(f"{curve[n]:9.1e}" for n in NFES) + f"  {where}")
+  print("\nadaptive (PID, rtol = atol): tol, mean NFE, RMSE")
+  for solver, rows in adaptive.items():
+    print(f"{solver:7s} " + "  ".join(f"{tol:.0e}: {n:.0f} NFE {err:.1e}" for tol, n, err in rows))
+    crossing = next((n for _, n, err in rows if err <= target), None)
+    reach[solver] = {"swept": crossing, "interpolated": crossing}
+    print(f"{'':7s} reaches DDIM-512 at {'-' if crossing is None else f'{crossing:.0f} NFE'}")
+  print(f"\nDDIM-512 (uniform_t) RMSE {target:.2e}")
+
+  unet = []
+  if not args.skip_unet:
+    steps = tuple(int(s) for s in args.unet_steps.split(","))
+    unet = unet_speed(steps)
+    print("\nUNet teacher (32x32x3, ch 64, (1,2,2), 2 blocks, attn 16; random params; batch 8), DDIM")
+    print(f"{'steps':>5s} {'NFE+targets':>11s} {'compile s':>9s} {'run s':>7s} {'traj/s':>7s}")
+    for s, n, c, r, tps in unet:
+      print(f"{s:5d} {n:11d} {c:9.1f} {r:7.2f} {tps:7.2f}")
+
+  results = {
+      "device": str(jax.devices()[0]), "num_draws": args.num_draws,
+      "reference": {"solver": "dopri8", "dtype": "float64", "tol": REFERENCE_TOL,
+                    "mean_nfe": ref_nfe, "rmse_to_10x_looser": ref_err},
+      "ddim512_rmse": target,
+      "fixed_step": {s: {g: {str(n): e for n, e in c.items()} for g, c in gr.items()}
+                     for s, gr in fixed.items()},
+      "adaptive": {s: [dict(tol=t, nfe=n, rmse=e) for t, n, e in rows] for s, rows in adaptive.items()},
+      "nfe_to_reach_ddim512": reach,
+      "unet_ddim": [dict(steps=s, nfe_with_targets=n, compile_s=c, run_s=r, trajectories_per_s=t)
+                    for s, n, c, r, t in unet],
+      "wall_s": time.perf_counter() - start,
+  }
+  with open(os.path.join(args.out, "solvers.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  plot(os.path.join(args.out, "solvers.png"), fixed, adaptive, target)
+  print(f"\nwrote {args.out}/solvers.json and solvers.png in {results['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,228 @@
+"""Mode `generate`: solve the teacher's PF-ODE from seeded noise and write the trajectory dataset."""
+import functools
+import os
+import time
+from typing import Dict, List, Tuple
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+
+from dsno_jax import diffusion, model_io, ode
+from dsno_jax.data import trajectories
+from dsno_jax.training import sharding
+
+_LOG_EVERY_S = 10.0
+
+
+def trajectory_dir(config, workdir: str) -> str:
+  return os.path.abspath(config.trajectory.dir or os.path.join(workdir, "trajectories"))
+
+
+def example_inputs(indices, *, seed: int, image_shape: Tuple[int, ...], num_classes: int):
+  """(noise (B, H, W, C), labels (B,) int32) of examples `indices` (B,); jit-able.
+
+  Example i's noise is drawn from fold_in(PRNGKey(seed), i) and its label (uniform over
+  classes; 0 when unconditional) from fold_in of that key with 1, so any example can be
+  regenerated alone.
+  """
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(indices)
+  noise = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(keys)
+  if num_classes > 1:
+    labels = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0,
+                                                   num_classes, jnp.int32))(keys)
+  else:
+    labels = jnp.zeros(indices.shape, jnp.int32)
+  return noise, labels
+
+
+def plan_from_config(config, teacher_identity: str) -> Dict:
+  """Everything that determines the dataset's contents (recorded as its metadata)."""
+  g = config.trajectory
+  s, c = config.data.image_size, config.data.channels
+  return {
+      "format": "dsno_jax.trajectories/1",
+      "num_examples": int(g.num_examples), "shard_size": int(g.shard_size),
+      "image_shape": [s, s, c], "num_classes": int(config.data.num_classes),
+      "num_times": len(g.save_times), "save_times": [float(t) for t in g.save_times],
+      "logsnrs": [float(v) for v in diffusion.save_logsnrs(config)],
+      "logsnr_min": float(config.diffusion.logsnr_min),
+      "logsnr_max": float(config.diffusion.logsnr_max),
+      "solver": g.solver, "grid": g.grid, "num_steps": int(g.num_steps),
+      # ODE evaluations per trajectory (None for adaptive solvers), plus K for the targets
+      "nfe": ode.nfe(g.solver, g.num_steps, g.grid, tuple(g.save_times),
+                     config.diffusion.logsnr_min, config.diffusion.logsnr_max),
+      "target_nfe": len(g.save_times),
+      "rtol": float(g.rtol), "atol": float(g.atol),
+      "teacher": teacher_identity, "seed": int(config.seed), "targets_dtype": g.targets_dtype,
+  }
+
+
+def make_solve(config, mesh: Mesh):
+  """jit (denoise, indices (B,) sharded on `data`) -> (noise, labels, targets (B,K,H,W,C)).
+
+  Cached on the settings, so generating again in one process does not recompile.
+  """
+  g = config.trajectory
+  return _make_solve(
+      mesh, seed=int(config.seed),
+      image_shape=(config.data.image_size, config.data.image_size, config.data.channels),
+      num_classes=int(config.data.num_classes),
+      save_times=tuple(float(t) for t in g.save_times), solver=g.solver,
+      num_steps=int(g.num_steps), grid=g.grid, rtol=float(g.rtol), atol=float(g.atol),
+      logsnr_min=float(config.diffusion.logsnr_min),
+      logsnr_max=float(config.diffusion.logsnr_max))
+
+
+@functools.lru_cache(maxsize=8)
+def _make_solve(mesh: Mesh, *, seed, image_shape, num_classes, save_times, **solver_args):
+  def solve(denoise, indices):
+    noise, labels = example_inputs(indices, seed=seed, image_shape=image_shape,
+                                   num_classes=num_classes)
+    targets = ode.trajectory(denoise, noise, save_times,
+                             y=labels if num_classes > 1 else None, **solver_args)
+    return noise, labels, targets
+
+  # Each example is solved independently, so every device solves its own rows (shard_map):
+  # left to the SPMD partitioner, diffrax's loop (with its host-callback error checks) would
+  # be pinned to one device.
+  batch, whole = PartitionSpec("data"), PartitionSpec()
+  solve = jax.shard_map(solve, mesh=mesh, in_specs=(whole, batch), out_specs=(batch,) * 3,
+                        check_vma=False)
+  data, replicated = NamedSharding(mesh, batch), NamedSharding(mesh, whole)
+  return jax.jit(solve, in_shardings=(replicated, data), out_shardings=(data, data, data))
+
+
+def _host_local(array) -> np.ndarray:
+  """This host's rows of a `data`-sharded global array, in order."""
+  shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+  return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
+def _host_chunks(plan: Dict, done, local_batch: int) -> List[Tuple[int, range]]:
+  """(shard, indices) pieces of at most local_batch of this host's unfinished shards."""
+  total = trajectories.num_shards(plan["num_examples"], plan["shard_size"])
+  chunks = []
+  for shard in range(jax.process_index(), total, jax.process_count()):
+    if shard in done:
+      continue
+    indices = trajectories.shard_range(shard, plan["num_examples"], plan["shard_size"])
+    chunks += [(shard, indices[i:i + local_batch]) for i in range(0, len(indices), local_batch)]
+  return chunks
+
+
+class _Progress:
+  """Logs this host's examples/s and the run's ETA; the first round (compilation) is timed apart."""
+
+  def __init__(self, num_rounds: int):
+    self.num_rounds, self.rounds, self.examples = num_rounds, 0, 0
+    self.start = self.first_done = time.time()
+    self.last_log = 0.0
+
+  def update(self, examples: int):
+    self.rounds += 1
+    now = time.time()
+    if self.rounds == 1:
+      self.first_done = now
+      logging.info("trajectories: first batch (with compilation) took %.1f s", now - self.start)
+    else:
+      self.examples += examples
+    if self.rounds > 1 and now - self.last_log > _LOG_EVERY_S:
+      per_round = (now - self.first_done) / (self.rounds - 1)
+      logging.info("trajectories: round %d/%d, %.1f examples/s on this host, ETA %.0f s",
+                   self.rounds, self.num_rounds, self.examples / max(now - self.first_done, 1e-9),
+                   per_round * (self.num_rounds - self.rounds))
+      self.last_log = now
+
+  def finish(self):
+    logging.info("trajectories: %d rounds in %.1f s", self.rounds, time.time() - self.start)
+
+
+def generate(config, workdir: str, *, devices=None) -> str:
+  """Writes (or finishes) the trajectory dataset of `config`; returns its directory.
+
+  Every host writes its own shards (shard s belongs to host s % process_count); shards
+  already on disk are skipped, so a killed run resumes where it stopped. `devices` (default
+  every device of every host, in process order) form the `data` mesh. With several hosts
+  the directory must be on a file system that every host sees.
+  """
+  sharding.initialize_distributed(config)
+  directory = trajectory_dir(config, workdir)
+  g = config.trajectory
+  denoise, identity = model_io.load_teacher(config, workdir)
+  plan = plan_from_config(config, identity)
+  is_leader = jax.process_index() == 0
+  complete = trajectories.prepare(directory, plan, write=is_leader)
+  multihost_utils.sync_global_devices("trajectories: plan written")
+  if not is_leader:
+    complete = trajectories.prepare(directory, plan, write=False)
+  if complete:
+    logging.info("trajectories: %s is already complete", directory)
+    return directory
+
+  mesh = sharding.make_mesh() if devices is None else Mesh(np.asarray(devices), ("data",))
+  if g.batch_size % mesh.size:
+    raise ValueError(f"config.trajectory.batch_size={g.batch_size} must be a multiple of the "
+                     f"device count {mesh.size}")
+  local_batch = g.batch_size // jax.process_count()
+  if g.shard_size % local_batch:
+    logging.warning("trajectories: shard_size=%d is not a multiple of the per-host batch %d; "
+                    "the last batch of every shard is padded (wasted work)", g.shard_size,
+                    local_batch)
+  chunks = _host_chunks(plan, trajectories.existing_shards(directory, plan), local_batch)
+  # Every host must join every solve; hosts with fewer pieces pad with dummy batches.
+  num_rounds = int(np.max(multihost_utils.process_allgather(np.int32(len(chunks)))))
+  logging.info("trajectories: %d examples in %d shards to %s; this host: %d batches of %d, "
+               "%d rounds", plan["num_examples"], trajectories.num_shards(
+                   plan["num_examples"], plan["shard_size"]), directory, len(chunks),
+               local_batch, num_rounds)
+
+  solve = make_solve(config, mesh)
+  denoise = jax.device_put(denoise, NamedSharding(mesh, PartitionSpec()))
+  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  buffers: Dict[str, list] = {"noise": [], "targets": [], "label": [], "index": []}
+  progress = _Progress(num_rounds)
+
+  def collect(chunk, outputs):
+    shard, indices = chunk
+    noise, labels, targets = (_host_local(x) for x in outputs)
+    n = len(indices)  # drop the padding
+    for key, value in (("noise", noise), ("targets", targets), ("label", labels),
+                       ("index", np.asarray(indices))):
+      buffers[key].append(value[:n])
+    if indices.stop == trajectories.shard_range(shard, plan["num_examples"],
+                                                plan["shard_size"]).stop:
+      trajectories.write_shard(directory, plan, shard,
+                               {k: np.concatenate(v) for k, v in buffers.items()})
+      for v in buffers.values():
+        v.clear()
+    return n
+
+  pending = None  # dispatch round r before fetching round r-1, so writing overlaps solving
+  for r in range(num_rounds + 1):
+    outputs = chunk = None
+    if r < num_rounds:
+      chunk = chunks[r] if r < len(chunks) else None  # None: a dummy batch of padding
+      local = np.zeros((local_batch,), np.int32)
+      if chunk is not None:
+        local[:len(chunk[1])] = chunk[1]
+        local[len(chunk[1]):] = chunk[1][-1]
+      indices = jax.make_array_from_process_local_data(data_sharding, local)
+      outputs = solve(denoise, indices)
+    if pending is not None:
+      if pending[0] is not None:
+        progress.update(collect(*pending))
+      else:
+        jax.block_until_ready(pending[1])
+        progress.update(0)
+    pending = (chunk, outputs)
+  progress.finish()
+
+  multihost_utils.sync_global_devices("trajectories: shards written")
+  if is_leader:
+    trajectories.finalize(directory, plan)
+  multihost_utils.sync_global_devices("trajectories: complete")
+  return directory

@@ -1,0 +1,219 @@
+"""Image data for teacher training: TFDS sources, and per-host batches fixed by (seed, step).
+
+Sources: the project's digits builder (built offline on first use), any prepared TFDS image
+data set (`cifar10`, `imagenet_resized/64x64`, ...) and a folder of images (TFDS
+ImageFolder: ROOT/SPLIT/LABEL/*.png). Nothing is ever downloaded.
+
+Order: step s of a run uses examples perm_e[(s*B + i) mod N] for i < B, where perm_e is a
+permutation of the N examples drawn from (seed, epoch e), and its horizontal flips are drawn
+from (seed, step). Host p of P feeds rows [p*B/P, (p+1)*B/P) of that global batch. So a
+resumed run sees exactly the batches an uninterrupted one would have, on any host count.
+"""
+import os
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+# Above this many bytes, a split stored as TFRecord is too big to hold in memory on every
+# host: it must be prepared as array_record (random access) instead.
+MAX_IN_MEMORY_BYTES = 8 * 2 ** 30
+
+
+class InMemorySource:
+  """Random access to uint8 images (N, H, W, C) and int labels (N,) held in memory."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels.astype(np.int32)
+
+  def __len__(self):
+    return len(self.images)
+
+  def get(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    return self.images[indices], self.labels[indices]
+
+
+class RandomAccessSource:
+  """A TFDS data source (array_record files): reads only the requested examples."""
+
+  def __init__(self, data_source):
+    self.data_source = data_source
+
+  def __len__(self):
+    return len(self.data_source)
+
+  def get(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    examples = self.data_source.__getitems__([int(i) for i in indices])
+    images = np.stack([np.asarray(e["image"]) for e in examples])
+    labels = np.asarray([int(e.get("label", 0)) for e in examples], np.int32)
+    return images, labels
+
+
+def default_data_dir(config, workdir: str) -> str:
+  """config.data.data_dir, else WORKDIR/tfds for the digits, else TFDS's default."""
+  if config.data.data_dir:
+    return config.data.data_dir
+  if config.data.name == "digits":
+    return os.path.join(workdir, "tfds")
+  import tensorflow_datasets as tfds
+  return tfds.core.constants.DATA_DIR
+
+
+def _not_prepared_error(name: str, data_dir: str) -> FileNotFoundError:
+  manual = (" ImageNet cannot be downloaded automatically: place the archives in "
+            f"{data_dir}/downloads/manual first (see the TFDS catalogue)."
+            if name.startswith("imagenet") else "")
+  return FileNotFoundError(
+      f"the TFDS data set {name!r} is not prepared in {data_dir}. Nothing is downloaded at run "
+      f"time: prepare it once with `tfds build {name} --data_dir={data_dir} "
+      f"--file_format=array_record` on a machine with internet access, or point "
+      f"config.data.data_dir at a directory that holds it.{manual}")
+
+
+def _center_crop_resize(images: np.ndarray, size: int) -> np.ndarray:
+  """uint8 (N, H, W, C) -> uint8 (N, size, size, C): central square, then area/bilinear."""
+  n, h, w, c = images.shape
+  if (h, w) == (size, size):
+    return images
+  import tensorflow as tf
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  square = images[:, top:top + side, left:left + side]
+  resized = tf.image.resize(square.astype(np.float32), (size, size), method="area"
+                            if side > size else "bilinear", antialias=side > size).numpy()
+  return np.clip(np.round(resized), 0, 255).astype(np.uint8)
+
+
+def _match_channels(images: np.ndarray, channels: int, name: str) -> np.ndarray:
+  have = images.shape[-1]
+  if have == channels:
+    return images
+  if have == 3 and channels == 1:
+    gray = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
+  if have == 1 and channels == 3:
+    return np.repeat(images, 3, axis=-1)
+  raise ValueError(f"data set {name!r} has {have} channels; data.channels={channels}")
+
+
+def _folder_source(config, split: str) -> InMemorySource:
+  import tensorflow_datasets as tfds
+  root = config.data.data_dir
+  if not root or not os.path.isdir(os.path.join(root, split)):
+    raise FileNotFoundError(
+        f"data.name='folder' needs data.data_dir=ROOT with images in ROOT/{split}/LABEL/*.png "
+        f"(or .jpg); {os.path.join(root or '<unset>', split)} is not a directory")
+  builder = tfds.folder_dataset.ImageFolder(root, shape=(None, None, config.data.channels))
+  labels_found = builder.info.features["label"].num_classes
+  classes = config.data.num_classes
+  if classes > 1 and labels_found != classes:
+    raise ValueError(f"{root}/{split} has {labels_found} label folders; "
+                     f"data.num_classes={classes}")
+  images, labels = [], []
+  for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
+    images.append(_center_crop_resize(example["image"][None], config.data.image_size)[0])
+    labels.append(example["label"] if classes > 1 else 0)
+  if not images:
+    raise FileNotFoundError(f"no images under {root}/{split}/LABEL/")
+  return InMemorySource(np.stack(images), np.asarray(labels))
+
+
+def load_source(config, workdir: str, split: Optional[str] = None):
+  """The image source of config.data (`get(indices) -> (uint8 images, labels)`)."""
+  import tensorflow_datasets as tfds
+  name, size = config.data.name, config.data.image_size
+  split = split or config.data.train_split
+  if name == "folder":
+    return _folder_source(config, split)
+  data_dir = default_data_dir(config, workdir)
+  if name == "digits":
+    from dsno_jax.data import digits
+    builder = digits.prepare(data_dir, size)
+  else:
+    try:
+      builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    except Exception as e:  # unknown names raise TFDS's own DatasetNotFoundError
+      raise ValueError(f"data.name={name!r} is not a TFDS data set ({e}); expected 'digits', "
+                       "'folder' or a TFDS name such as 'cifar10'") from e
+    if not builder.is_prepared():
+      raise _not_prepared_error(name, data_dir)
+  if split not in builder.info.splits:
+    raise ValueError(f"split {split!r} of {name!r}; expected one of {list(builder.info.splits)}")
+  info = builder.info
+  shape = info.features["image"].shape
+  if info.file_format and "array_record" in str(info.file_format).lower():
+    source = RandomAccessSource(tfds.data_source(name, split=split, data_dir=data_dir,
+                                                 download=False, try_gcs=False))
+    if shape[:2] != (size, size) or shape[-1] != config.data.channels:
+      raise ValueError(f"{name!r} images are {shape}; config wants {size}x{size}x"
+                       f"{config.data.channels} (prepare a data set of that size)")
+    return source
+  num_bytes = info.splits[split].num_examples * int(np.prod([s or 1 for s in shape]))
+  if num_bytes > MAX_IN_MEMORY_BYTES:
+    raise ValueError(f"{name!r}/{split} is stored as {info.file_format} and holds about "
+                     f"{num_bytes / 2 ** 30:.1f} GiB: too large to hold in memory on every host."
+                     f" Prepare it with `tfds build {name} --data_dir={data_dir} "
+                     "--file_format=array_record` for random access.")
+  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+  images = _match_channels(_center_crop_resize(data["image"], size), config.data.channels, name)
+  labels = data["label"] if "label" in data else np.zeros(len(images), np.int64)
+  return InMemorySource(images, labels)
+
+
+def example_indices(step: int, global_batch_size: int, num_examples: int,
+                    seed: int) -> np.ndarray:
+  """Global example indices (B,) of a step: consecutive slots of per-epoch permutations."""
+  positions = step * global_batch_size + np.arange(global_batch_size, dtype=np.int64)
+  epochs = positions // num_examples
+  out = np.empty(global_batch_size, np.int64)
+  for epoch in np.unique(epochs):
+    permutation = np.random.default_rng([seed, 0, int(epoch)]).permutation(num_examples)
+    chosen = epochs == epoch
+    out[chosen] = permutation[positions[chosen] % num_examples]
+  return out
+
+
+def flips(step: int, global_batch_size: int, seed: int) -> np.ndarray:
+  """Which examples (B,) of a step are mirrored left-right."""
+  return np.random.default_rng([seed, 1, step]).random(global_batch_size) < 0.5
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return images.astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+def batch_iterator(source, *, global_batch_size: int, seed: int, start_step: int = 0,
+                   random_flip: bool = False, process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
+  """This host's rows of every step's batch from start_step on (endless).
+
+  Yields {"image": float32 (b, H, W, C) in [-1, 1], "label": int32 (b,)} with
+  b = global_batch_size / process_count.
+  """
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  if len(source) == 0:
+    raise ValueError("the image source is empty")
+  local = global_batch_size // process_count
+  rows = slice(process_index * local, (process_index + 1) * local)
+  step = start_step
+  while True:
+    indices = example_indices(step, global_batch_size, len(source), seed)[rows]
+    images, labels = source.get(indices)
+    images = to_model_range(images)
+    if random_flip:
+      mirrored = flips(step, global_batch_size, seed)[rows]
+      images = np.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
+    yield {"image": images, "label": labels.astype(np.int32)}
+    step += 1
+
+
+def train_batches(config, workdir: str, global_batch_size: int, start_step: int = 0):
+  """Teacher training batches of config.data for this host, from start_step on."""
+  source = load_source(config, workdir, config.data.train_split)
+  return batch_iterator(source, global_batch_size=global_batch_size, seed=config.seed,
+                        start_step=start_step, random_flip=config.data.random_flip)

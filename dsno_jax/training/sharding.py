@@ -1,0 +1,141 @@
+"""Device mesh, parameter and batch shardings, per-host input, and multi-process start-up."""
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+# Parameters smaller than this (elements) stay replicated under FSDP: sharding them saves
+# little memory and costs one all-gather each.
+FSDP_MIN_SIZE = 2 ** 14
+
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name, "")
+  return int(value) if value.strip() else None
+
+
+def _cluster_env_says_multiprocess() -> bool:
+  """True when a scheduler (SLURM, Open MPI, a multi-host TPU slice) started several processes."""
+  for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    if (_env_int(name) or 1) > 1:
+      return True
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed(config) -> None:
+  """Starts jax.distributed when there are several processes; a no-op for one process.
+
+  The coordinator comes from config.distributed (coordinator_address, num_processes,
+  process_id), else from the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID), else from JAX's cluster auto-detection (Cloud TPU, SLURM, Open MPI).
+  Must run before anything touches a JAX device.
+  """
+  if jax.distributed.is_initialized():
+    return
+  dist = config.get("distributed", None)
+  address = (dist.coordinator_address if dist else "") or os.environ.get(
+      "JAX_COORDINATOR_ADDRESS", "")
+  num_processes = (dist.num_processes if dist and dist.num_processes > 0
+                   else _env_int("JAX_NUM_PROCESSES"))
+  process_id = (dist.process_id if dist and dist.process_id >= 0
+                else _env_int("JAX_PROCESS_ID"))
+  if address and num_processes and num_processes > 1:
+    if process_id is None or not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id={process_id}; expected an integer in [0, {num_processes}) "
+                       "(config.distributed.process_id or JAX_PROCESS_ID)")
+    # CPU processes need a collectives library to talk to each other (GPUs/TPUs ignore this)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                               process_id=process_id)
+  elif _cluster_env_says_multiprocess():
+    jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every host, axis `data`, in process order."""
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over `data`."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum: int = 1) -> int:
+  """Per-device examples of one micro-batch; ValueError when the batch does not divide."""
+  devices = mesh.devices.size
+  if global_batch_size <= 0 or global_batch_size % devices:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                     f"{devices} devices; use a multiple of {devices}")
+  per_device = global_batch_size // devices
+  if grad_accum < 1 or per_device % grad_accum:
+    raise ValueError(f"grad_accum={grad_accum} does not divide the {per_device} examples per "
+                     f"device (global batch {global_batch_size} over {devices} devices)")
+  return per_device // grad_accum
+
+
+def fsdp_spec(shape, num_shards: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """Shards the largest axis divisible by num_shards of a big array; replicates the rest."""
+  if num_shards <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  axes = sorted(range(len(shape)), key=lambda a: -shape[a])
+  for axis in axes:
+    if shape[axis] % num_shards == 0:
+      spec = [None] * len(shape)
+      spec[axis] = DATA_AXIS
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool) -> Any:
+  """NamedShardings for a pytree of arrays: replicated, or FSDP by shape.
+
+  The rule depends only on an array's shape, so parameters, their EMA and Adam's moments
+  (same shapes) are sharded alike.
+  """
+  num_shards = mesh.devices.size if fsdp else 1
+  return jax.tree_util.tree_map(
+      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, num_shards)), abstract_state)
+
+
+def global_batch(local_batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+  """Per-host numpy arrays (this host's rows) -> global arrays sharded on `data`."""
+  sharding = batch_sharding(mesh)
+  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for name, value in local_batch.items()}
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process gets here (the coordination service's barrier, no collective)."""
+  if jax.process_count() > 1:
+    import orbax.checkpoint as ocp
+    ocp.multihost.sync_global_processes(name, timeout=timeout_s,
+                                        processes=set(range(jax.process_count())))
+
+
+def compile_in_lockstep(jitted, *args, name: str = "compiled"):
+  """jitted compiled for args on every process, returned once all processes have it.
+
+  XLA's CPU collectives (gloo) give up when processes reach their first collective more
+  than ~30 s apart, which uneven compile times easily cause; compiling first and meeting
+  at a barrier keeps them together. On one process this is just lower + compile.
+  """
+  compiled = jitted.lower(*args).compile()
+  barrier(f"dsno_jax:{name}")
+  return compiled
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """Rows of the global batch that this host feeds."""
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  return global_batch_size // jax.process_count()

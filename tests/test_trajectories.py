@@ -1,0 +1,172 @@
+"""Trajectory dataset files: write/read round trip, resume-safe plans, deterministic batches."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from dsno_jax.data import trajectories
+
+NUM_EXAMPLES, SHARD_SIZE, K, SHAPE = 20, 8, 3, (4, 4, 1)
+
+
+def _plan(**overrides):
+  plan = {"num_examples": NUM_EXAMPLES, "shard_size": SHARD_SIZE, "image_shape": list(SHAPE),
+          "num_times": K, "targets_dtype": "float32", "save_times": [0.5, 0.25, 0.0],
+          "solver": "ddim", "teacher": "test"}
+  plan.update(overrides)
+  return plan
+
+
+def _examples(indices):
+  """Deterministic fake contents of examples `indices`."""
+  indices = np.asarray(list(indices))
+  rngs = [np.random.default_rng(i) for i in indices]
+  return {"noise": np.stack([r.standard_normal(SHAPE) for r in rngs]).astype(np.float32),
+          "targets": np.stack([r.uniform(-1, 1, (K,) + SHAPE) for r in rngs]).astype(np.float32),
+          "label": (indices % 10).astype(np.int32), "index": indices}
+
+
+def _write(directory, plan, shards=None):
+  assert not trajectories.prepare(directory, plan)
+  total = trajectories.num_shards(plan["num_examples"], plan["shard_size"])
+  for shard in range(total) if shards is None else shards:
+    indices = trajectories.shard_range(shard, plan["num_examples"], plan["shard_size"])
+    trajectories.write_shard(directory, plan, shard, _examples(indices))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("traj") / "data")
+  plan = _plan()
+  _write(directory, plan)
+  trajectories.finalize(directory, plan)
+  return directory
+
+
+def test_tfds_reads_every_index_once_with_metadata(dataset):
+  builder = tfds.builder_from_directory(dataset)
+  assert builder.info.splits["train"].num_examples == NUM_EXAMPLES
+  assert builder.info.features["label"].np_dtype == np.int32
+  assert builder.info.features["index"].np_dtype == np.int64
+  source = builder.as_data_source(split="train")
+  examples = [source[i] for i in range(len(source))]
+  assert sorted(int(e["index"]) for e in examples) == list(range(NUM_EXAMPLES))
+  want = _examples(range(NUM_EXAMPLES))
+  for e in examples:
+    i = int(e["index"])
+    assert e["noise"].shape == SHAPE and e["noise"].dtype == np.float32
+    assert e["targets"].shape == (K,) + SHAPE and e["targets"].dtype == np.float32
+    assert int(e["label"]) == i % 10
+    np.testing.assert_array_equal(e["targets"], want["targets"][i])
+    np.testing.assert_array_equal(e["noise"], want["noise"][i])
+  meta = trajectories.read_metadata(dataset)
+  assert meta["save_times"] == [0.5, 0.25, 0.0] and meta["teacher"] == "test"
+  assert meta["num_examples"] == NUM_EXAMPLES
+  # no temporary files left behind
+  assert not [n for n in os.listdir(dataset) if n.startswith(".")]
+
+
+def test_float16_targets(tmp_path):
+  plan = _plan(targets_dtype="float16", num_examples=5)
+  _write(str(tmp_path), plan)
+  trajectories.finalize(str(tmp_path), plan)
+  source = tfds.builder_from_directory(str(tmp_path)).as_data_source(split="train")
+  assert source[3]["targets"].dtype == np.float16
+  batch = next(trajectories.batch_iterator(str(tmp_path), global_batch_size=5, seed=0,
+                                           process_index=0, process_count=1))
+  assert batch["targets"].dtype == np.float32
+  want = _examples(range(5))["targets"][batch["index"]]
+  np.testing.assert_allclose(batch["targets"], want, atol=1e-3)
+  assert not np.array_equal(batch["targets"], want)  # it really was stored as float16
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_batches_are_a_function_of_seed_and_step(dataset):
+  kw = dict(global_batch_size=6, process_index=0, process_count=1)
+  a = _take(trajectories.batch_iterator(dataset, seed=3, **kw), 8)
+  b = _take(trajectories.batch_iterator(dataset, seed=3, **kw), 8)
+  c = _take(trajectories.batch_iterator(dataset, seed=4, **kw), 8)
+  for x, y in zip(a, b):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert any(not np.array_equal(x["index"], y["index"]) for x, y in zip(a, c))
+  want = _examples(range(NUM_EXAMPLES))
+  for batch in a:
+    assert batch["noise"].shape == (6,) + SHAPE and batch["targets"].shape == (6, K) + SHAPE
+    assert batch["targets"].dtype == np.float32 and batch["label"].dtype == np.int32
+    np.testing.assert_array_equal(batch["targets"], want["targets"][batch["index"]])
+    np.testing.assert_array_equal(batch["label"], want["label"][batch["index"]])
+  # each epoch is a permutation: the first 20 positions (steps 0..2 hold 18, +2) cover all
+  stream = np.concatenate([batch["index"] for batch in a])
+  assert sorted(stream[:NUM_EXAMPLES]) == list(range(NUM_EXAMPLES))
+  assert sorted(stream[NUM_EXAMPLES:2 * NUM_EXAMPLES]) == list(range(NUM_EXAMPLES))
+
+
+def test_resume_from_start_step_equals_continuing(dataset):
+  kw = dict(global_batch_size=6, seed=1, process_index=0, process_count=1)
+  straight = _take(trajectories.batch_iterator(dataset, **kw), 7)
+  resumed = _take(trajectories.batch_iterator(dataset, start_step=4, **kw), 3)
+  for x, y in zip(straight[4:], resumed):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_host_slices_partition_the_global_batch(dataset):
+  whole = _take(trajectories.batch_iterator(dataset, global_batch_size=8, seed=2,
+                                            process_index=0, process_count=1), 4)
+  parts = [_take(trajectories.batch_iterator(dataset, global_batch_size=8, seed=2,
+                                             process_index=p, process_count=4), 4)
+           for p in range(4)]
+  for step in range(4):
+    for key in whole[step]:
+      joined = np.concatenate([parts[p][step][key] for p in range(4)])
+      np.testing.assert_array_equal(joined, whole[step][key])
+  with pytest.raises(ValueError, match="not divisible"):
+    next(trajectories.batch_iterator(dataset, global_batch_size=6, seed=0, process_index=0,
+                                     process_count=4))
+
+
+def test_missing_and_incomplete_datasets_are_clear_errors(tmp_path):
+  missing = str(tmp_path / "nothing")
+  with pytest.raises(FileNotFoundError, match="run --mode=generate first"):
+    trajectories.read_metadata(missing)
+  partial = str(tmp_path / "partial")
+  plan = _plan()
+  _write(partial, plan, shards=[0, 2])
+  with pytest.raises(FileNotFoundError, match="incomplete: 2 of 3 shards"):
+    next(trajectories.batch_iterator(partial, global_batch_size=4, seed=0))
+  with pytest.raises(ValueError, match=r"shards \[1\] of 3 are missing"):
+    trajectories.finalize(partial, plan)
+  assert trajectories.existing_shards(partial, plan) == {0, 2}
+  assert not trajectories.prepare(partial, plan)  # same plan: resumable, not complete
+
+
+def test_a_directory_of_another_plan_is_never_overwritten(dataset, tmp_path):
+  with open(os.path.join(dataset, trajectories.PLAN_FILE)) as f:
+    before = f.read()
+  with pytest.raises(ValueError, match="solver: on disk 'ddim', now 'dpm2m'"):
+    trajectories.prepare(dataset, _plan(solver="dpm2m"))
+  with open(os.path.join(dataset, trajectories.PLAN_FILE)) as f:
+    assert f.read() == before
+  assert trajectories.prepare(dataset, _plan())  # complete
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "precious.txt").write_text("keep me")
+  with pytest.raises(ValueError, match="not empty"):
+    trajectories.prepare(str(other), _plan())
+  assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_write_shard_checks_indices(tmp_path):
+  plan = _plan()
+  trajectories.prepare(str(tmp_path), plan)
+  with pytest.raises(ValueError, match="shard 1 must hold indices 8..15"):
+    trajectories.write_shard(str(tmp_path), plan, 1, _examples(range(0, 8)))
+  assert trajectories.existing_shards(str(tmp_path), plan) == set()
+  with open(tmp_path / trajectories.PLAN_FILE) as f:
+    assert json.load(f)["num_examples"] == NUM_EXAMPLES
