@@ -1,0 +1,66 @@
+"""Mode `pipeline` on a reduced digits config: every stage's outputs, a sane metric, skipping."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import digits
+from dsno_jax import pipeline
+
+
+def reduced_config():
+  config = digits.get_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1, 2), (4,)
+  config.teacher.train.num_steps, config.teacher.train.batch_size = 8, 32
+  config.teacher.train.checkpoint_every = config.teacher.train.log_every = 8
+  config.teacher.train.sample_every = 0
+  config.train.num_steps, config.train.batch_size = 6, 16
+  config.train.checkpoint_every = config.train.log_every = 6
+  config.train.sample_every = 0
+  g = config.trajectory
+  g.num_examples, g.batch_size, g.shard_size, g.num_steps = 64, 32, 32, 4
+  e = config.eval
+  e.num_samples, e.batch_size, e.classifier_steps = 64, 32, 60
+  e.teacher_solvers, e.teacher_nfes = ("ddim",), (2,)
+  e.accurate_solver = "dpm2m"  # a fixed-step stand-in keeps the smoke test short
+  return config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
+  config = reduced_config()
+  return workdir, config, pipeline.pipeline(config, workdir)
+
+
+def test_every_stage_leaves_its_outputs(finished):
+  workdir, _, _ = finished
+  for path in ("teacher/model.json", "classifier/model.json", "trajectories/dataset_info.json",
+               "export/model.json", "samples/samples.npz", "samples/grid.png",
+               "samples/trajectories.png", "eval/results.json", "eval/results.md",
+               "eval/fid_vs_nfe.png"):
+    assert os.path.exists(os.path.join(workdir, path)), path
+  assert os.listdir(os.path.join(workdir, "logs", "student"))  # TensorBoard events
+
+
+def test_the_table_is_sane(finished):
+  _, config, result = finished
+  rows = {(r["model"], r["solver"], r["nfe"]): r for r in result["rows"]}
+  data = rows[("data (test vs train)", "-", 0)]
+  # held-out real digits are close to the training digits and recognised by the classifier
+  assert data["class_accuracy"] > 0.8
+  dsno = rows[("DSNO", "one step", 1)]
+  teacher = rows[("teacher", "ddim", 2)]
+  for row in (dsno, teacher):
+    assert np.isfinite(row["metric"]) and row["metric"] > data["metric"]
+    assert 0.0 <= row["class_accuracy"] <= 1.0
+  assert result["num_samples"] == config.eval.num_samples
+
+
+def test_a_second_run_skips_every_stage(finished, capsys):
+  workdir, config, result = finished
+  again = pipeline.pipeline(config, workdir)
+  assert again == result
+  out = capsys.readouterr().out
+  assert out.count("skipped") == 7, out
