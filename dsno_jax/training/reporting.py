@@ -1,10 +1,11 @@
 """Run reports with clu: TensorBoard and console metrics, progress, parameter table, sample grids."""
-import math
 import os
 
 import jax
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
+
+from dsno_jax.evaluation import pictures
 
 
 def make_writer(workdir: str, role: str) -> metric_writers.MetricWriter:
@@ -26,24 +27,11 @@ def log_parameters(params) -> None:
                                             msg="parameters", jax_logging_process=0)
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-  """(N, H, W, C) in [-1, 1] -> uint8 (rows*H, cols*W, C), nearly square, row-major."""
-  n, h, w, c = images.shape
-  cols = int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / cols))
-  pixels = np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255)
-  grid = np.zeros((rows * cols, h, w, c), np.uint8)
-  grid[:n] = pixels.astype(np.uint8)
-  return grid.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
 def write_samples(writer, workdir: str, role: str, step: int, images: np.ndarray) -> str:
   """A PNG grid at WORKDIR/samples/ROLE_STEP.png and a TensorBoard image; returns the path."""
-  from PIL import Image
-  grid = image_grid(images)
+  grid = pictures.image_grid(images)
   path = os.path.join(workdir, "samples", f"{role}_{step:08d}.png")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    pictures.save_png(grid, path)
   writer.write_images(step, {"samples": grid[None]})
   return path
