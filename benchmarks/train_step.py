@@ -36,7 +36,7 @@ def worker(args):
   k = len(config.trajectory.save_times)
   objective = loop.student_objective(config, diffusion.save_logsnrs(config))
   mesh = sharding.make_mesh()
-  run = loop.compile_run(config, objective, mesh)
+  run = loop.jit_run(config, objective, mesh)
   state = run.init_state(objective.fresh_params(jax.random.PRNGKey(0)))
   rng = np.random.default_rng(0)
   batch = sharding.global_batch({
@@ -114,7 +114,8 @@ def main():
         reference = reference or params
         result["max_param_diff_vs_first"] = max_difference(reference, params)
         results.append(result)
-        print(f"{dtype:9s} {devices} devices: {result['examples_per_s']:.2f} examples/s", flush=True)
+        print(f"{dtype:9s} {devices} devices: {result['examples_per_s']:.2f} examples/s",
+              flush=True)
 
   header = ("dtype", "devices", "examples/s", "step s", "compile s", "step MiB/device",
             "host peak RSS MiB", "max |dparam| vs first")

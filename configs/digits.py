@@ -2,8 +2,8 @@
 
 Sized so that teacher training + trajectories + DSNO training fit in about 20 minutes on 2
 CPU cores. Measured on the shared 2-core machine (1 CPU device, batch 64, float32; under
-load, so a quiet machine is up to 2x faster): teacher train step 0.35 s, DSNO (K=4) train
-step 0.97 s, teacher forward 1.6 ms per image per NFE, compiles about 20 s each.
+load, so a quiet machine is up to 2x faster): teacher train step 0.2-0.35 s, DSNO (K=4)
+train step 0.97 s, teacher forward 1.6 ms per image per NFE, compiles about 20 s each.
 - 8x8 is the data's own resolution (16x16 would cost 4x per step for no new information).
 - ch 32 / emb 128 / ch_mult (1, 2) / one res block per level / attention at 4x4: 0.83M
   parameters; a second res block per level cost +50% on the DSNO step for little gain.

@@ -45,6 +45,9 @@ def save_model(path: str, params, config, role: str) -> str:
     if os.path.exists(path + ".old"):
       import shutil
       shutil.rmtree(path + ".old")
+  if jax.process_count() > 1:  # no process may read the export before process 0 renamed it
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"save_model {path}")
   return path
 
 

@@ -1,43 +1,30 @@
 """SPEC sections 5, 8, 9: the losses fall, 8 devices equal 1, a NaN stops the run, bad input fails."""
 import os
 
+import flax
 import jax
 import numpy as np
 import pytest
-
-from configs import tiny
-from dsno_jax import diffusion
-from dsno_jax.training import checkpoints, loop, losses
 import training_helpers as helpers
+
+from dsno_jax import diffusion, model_io, models
+from dsno_jax.data import digits, generate, images, trajectories
+from dsno_jax.training import checkpoints, loop, losses, state
 
 helpers.use_compilation_cache()
 
 
-def student_config(**train):
-  config = tiny.get_config()
-  s = config.train
-  s.init_from_teacher, s.batch_size, s.learning_rate, s.warmup_steps = False, 8, 2e-3, 2
-  s.ema_decay, s.log_every, s.checkpoint_every = 0.9, 1, 3
-  for name, value in train.items():
-    s[name] = value
-  return config
+student_config, mesh_of = helpers.student_config, helpers.mesh_of
 
 
-def mesh_of(num_devices):
-  return jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
-
-
-def run_student(workdir, num_steps, num_devices, pool, nan_at_step=None, **train):
-  config = student_config(num_steps=num_steps, **train)
-  objective = loop.student_objective(config, diffusion.save_logsnrs(config))
-  batches = lambda start: helpers.pool_batches(pool, global_batch_size=8, seed=config.seed,
-                                               start_step=start, nan_at_step=nan_at_step)
-  return loop.train(config, str(workdir), objective, batches, mesh=mesh_of(num_devices))
+def run_student(workdir, num_steps, num_devices, pool, **kwargs):
+  return helpers.run_student(workdir, pool, num_steps=num_steps, mesh=mesh_of(num_devices),
+                             **kwargs)
 
 
 @pytest.fixture(scope="module")
 def pool():
-  return helpers.trajectory_pool(tiny.get_config())
+  return helpers.trajectory_pool(student_config())
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +51,35 @@ def test_eight_devices_equal_one_device(tmp_path, pool, one_device_run):
   assert moved > 1e-4  # the runs did train
 
 
-def test_student_loss_falls(tmp_path, pool):
-  result = run_student(tmp_path, 30, 1, pool, checkpoint_every=10)
-  loss = np.array([h["loss"] for h in result.history])
+@pytest.fixture(scope="module")
+def thirty_step_run(tmp_path_factory, pool):
+  return run_student(tmp_path_factory.mktemp("thirty"), 30, 1, pool, checkpoint_every=10)
+
+
+def test_student_loss_falls(thirty_step_run):
+  loss = np.array([h["loss"] for h in thirty_step_run.history])
   assert len(loss) == 30 and np.all(np.isfinite(loss))
   assert loss[-5:].mean() < 0.6 * loss[:3].mean(), loss
-  assert {f"d_{k}" for k in range(4)} <= set(result.history[-1])
-  assert sorted(os.listdir(tmp_path / "checkpoints" / "student")) == ["10", "20", "30", "config.json"]
+  assert {f"d_{k}" for k in range(4)} <= set(thirty_step_run.history[-1])
+
+
+def test_sigterm_saves_stops_and_the_resumed_run_ends_as_the_uninterrupted_one(
+    tmp_path, pool, one_device_run):
+  stopped = run_student(tmp_path, 3, 1, pool, sigterm_at_step=1)
+  step = int(stopped.state.step)
+  assert stopped.preempted and 1 <= step < 3, step
+  directory = tmp_path / "checkpoints" / "student"
+  assert max(int(p) for p in os.listdir(directory) if p.isdigit()) == step  # saved on SIGTERM
+  resumed = run_student(tmp_path, 3, 1, pool)
+  assert not resumed.preempted and resumed.history[0]["step"] == step + 1
+  _, uninterrupted = one_device_run
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(uninterrupted.state)),
+                  jax.tree_util.tree_leaves(jax.device_get(resumed.state))):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
 def test_teacher_loss_falls(tmp_path):
-  from dsno_jax.data import digits, images
-  config = tiny.get_config()
+  config = helpers.one_level_config()
   t = config.teacher.train
   t.num_steps, t.batch_size, t.learning_rate, t.warmup_steps, t.log_every = 40, 8, 2e-3, 2, 1
   t.checkpoint_every, t.loss_weighting, config.teacher.mean_type = 40, "snr_trunc", "eps"
@@ -114,7 +118,8 @@ def test_checkpoint_of_another_config(one_device_run, pool):
   config = student_config(num_steps=6)
   config.model.emb_ch = 32
   objective = loop.student_objective(config, diffusion.save_logsnrs(config))
-  with pytest.raises(ValueError, match=r"(?s)different config.*model.emb_ch: checkpoint 64 vs now 32"):
+  with pytest.raises(ValueError,
+                     match=r"(?s)different config.*model.emb_ch: checkpoint 64 vs now 32"):
     loop.train(config, str(workdir), objective, None, mesh=mesh_of(1))
 
 
@@ -141,7 +146,6 @@ def test_student_loss_weights_every_time():
 
 
 def test_learning_rate_schedule():
-  from dsno_jax.training import state
   s = student_config(learning_rate=1.0, warmup_steps=10, warmup_init=0.1,
                      milestones=(20, 30)).train
   schedule = state.learning_rate_schedule(s)
@@ -150,7 +154,6 @@ def test_learning_rate_schedule():
 
 
 def test_export_student_writes_the_ema_params(one_device_run):
-  from dsno_jax import model_io
   workdir, result = one_device_run
   path = checkpoints.export_student(student_config(), str(workdir))
   params, config, role = model_io.load_model(path)
@@ -158,3 +161,33 @@ def test_export_student_writes_the_ema_params(one_device_run):
   for a, b in zip(jax.tree_util.tree_leaves(params),
                   jax.tree_util.tree_leaves(jax.device_get(result.state.ema_params))):
     np.testing.assert_array_equal(a, b)
+  other = student_config()
+  other.model.ch_mult = (1, 1)
+  with pytest.raises(ValueError, match=r"(?s)different config.*model.ch_mult"):
+    checkpoints.export_student(other, str(workdir))
+
+
+def test_train_student_reads_the_trajectory_dataset_and_starts_from_the_teacher(tmp_path, pool):
+  config = student_config(num_steps=2, fsdp=True, init_from_teacher=True)
+  config.trajectory.num_examples, config.trajectory.shard_size = 16, 8
+  directory = str(tmp_path / "trajectories")
+  plan = generate.plan_from_config(config, "synthetic")
+  trajectories.prepare(directory, plan)
+  for shard in range(2):
+    trajectories.write_shard(directory, plan, shard,
+                             {k: v[shard * 8:(shard + 1) * 8] for k, v in pool.items()})
+  trajectories.finalize(directory, plan)
+  teacher = models.init_teacher(config, jax.random.PRNGKey(5))
+  model_io.save_model(str(tmp_path / "teacher"), jax.device_get(teacher), config, "teacher")
+
+  objective = loop.student_objective(config, diffusion.save_logsnrs(config),
+                                     loop.teacher_params_loader(config, str(tmp_path)))
+  student = flax.traverse_util.flatten_dict(objective.start_params(jax.random.PRNGKey(0)))
+  for path, value in flax.traverse_util.flatten_dict(jax.device_get(teacher)).items():
+    np.testing.assert_array_equal(student[path], value, err_msg="/".join(path))
+  result = loop.train_student(config, str(tmp_path))
+  assert [h["step"] for h in result.history] == [1, 2]
+  assert np.isfinite([h["loss"] for h in result.history]).all()
+  config.trajectory.save_times = (0.5, 0.25, 0.1, 0.0)
+  with pytest.raises(ValueError, match="were saved at log-SNRs"):
+    loop.train_student(config, str(tmp_path))

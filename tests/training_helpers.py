@@ -1,11 +1,14 @@
 """Shared pieces of the training tests: compilation cache, synthetic trajectories, subprocesses."""
 import os
+import signal
 import socket
 import sys
 import tempfile
 
 import jax
 import numpy as np
+
+from configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One persistent cache for this process and the subprocesses: a program compiled once (in any
@@ -61,8 +64,13 @@ def trajectory_pool(config, num_examples: int = 64, seed: int = 0) -> dict:
 
 
 def pool_batches(pool: dict, *, global_batch_size: int, seed: int, start_step: int = 0,
-                 process_index: int = 0, process_count: int = 1, nan_at_step=None):
-  """Endless per-host batches of the pool; step s's global batch depends only on (seed, s)."""
+                 process_index: int = 0, process_count: int = 1, nan_at_step=None,
+                 sigterm_at_step=None):
+  """Endless per-host batches of the pool; step s's global batch depends only on (seed, s).
+
+  nan_at_step: that batch's targets are NaN. sigterm_at_step: this process gets SIGTERM when
+  that batch is made (the loop's prefetch makes it a step or two ahead).
+  """
   n = len(pool["index"])
   local = global_batch_size // process_count
   step = start_step
@@ -72,5 +80,44 @@ def pool_batches(pool: dict, *, global_batch_size: int, seed: int, start_step: i
     batch = {name: value[rows] for name, value in pool.items()}
     if step == nan_at_step:
       batch["targets"] = np.full_like(batch["targets"], np.nan)
+    if step == sigterm_at_step:
+      os.kill(os.getpid(), signal.SIGTERM)
     yield batch
     step += 1
+
+
+def one_level_config():
+  """configs/tiny.py with a one-level UNet (attention kept): the loop is under test, not the
+  network, and this compiles in about half the time."""
+  config = tiny.get_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), (8,)
+  return config
+
+
+def student_config(**train):
+  """A one-level student that learns visibly in a few dozen steps of batch 8."""
+  config = one_level_config()
+  s = config.train
+  s.init_from_teacher, s.batch_size, s.learning_rate, s.warmup_steps = False, 8, 2e-3, 2
+  s.ema_decay, s.log_every, s.checkpoint_every = 0.9, 1, 3
+  for name, value in train.items():
+    s[name] = value
+  return config
+
+
+def mesh_of(num_devices: int):
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
+
+
+def run_student(workdir, pool, *, num_steps, mesh=None, process_index=0, process_count=1,
+                nan_at_step=None, sigterm_at_step=None, **train):
+  """loop.train of the student_config student on pool batches (mesh None: every device)."""
+  from dsno_jax import diffusion
+  from dsno_jax.training import loop
+  config = student_config(num_steps=num_steps, **train)
+  objective = loop.student_objective(config, diffusion.save_logsnrs(config))
+  batches = lambda start: pool_batches(
+      pool, global_batch_size=config.train.batch_size, seed=config.seed, start_step=start,
+      process_index=process_index, process_count=process_count, nan_at_step=nan_at_step,
+      sigterm_at_step=sigterm_at_step)
+  return loop.train(config, str(workdir), objective, batches, mesh=mesh)

@@ -83,12 +83,15 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       yield int(i), {"image": images[i], "label": int(labels[i])}
 
 
-def prepare(data_dir: str, image_size: int) -> Digits:
-  """The digits builder at `image_size`, built into data_dir first if it is not there yet."""
+def prepare(data_dir: str, image_size: int, file_format: str = "tfrecord") -> Digits:
+  """The digits builder at `image_size`, built into data_dir first if it is not there yet.
+
+  file_format ("tfrecord" | "array_record") applies only when it builds.
+  """
   if image_size not in IMAGE_SIZES:
     raise ValueError(f"data.image_size={image_size} for the digits; expected one of {IMAGE_SIZES}")
   builder = Digits(config=f"{image_size}x{image_size}", data_dir=os.path.abspath(data_dir))
   if not builder.is_prepared():
-    builder.download_and_prepare(download_dir=os.path.join(os.path.abspath(data_dir),
-                                                           "downloads"))
+    builder.download_and_prepare(
+        download_dir=os.path.join(os.path.abspath(data_dir), "downloads"), file_format=file_format)
   return builder

@@ -79,9 +79,14 @@ def _config_differences(directory: str, config, limit: int = 12) -> str:
                                                                   else "")
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state, config=None):
-  """ValueError naming every array whose stored shape differs from what this config builds."""
-  stored = _flat_shapes(manager.item_metadata(step).tree)
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state, config=None,
+                     prefix: str = ""):
+  """ValueError naming every array whose stored shape differs from what this config builds.
+
+  With a prefix (e.g. "ema_params/"), only the stored arrays under it are compared.
+  """
+  stored = {k: v for k, v in _flat_shapes(manager.item_metadata(step).tree).items()
+            if k.startswith(prefix)}
   wanted = _flat_shapes(abstract_state)
   problems = [f"{k}: checkpoint {stored.get(k)} vs config {wanted.get(k)}"
               for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
@@ -127,13 +132,7 @@ def restore_ema_params(workdir: str, role: str, abstract_params, config=None, me
   item = {"ema_params": jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
       abstract_params)}
-  stored = {k: v for k, v in _flat_shapes(manager.item_metadata(step).tree).items()
-            if k.startswith("ema_params/")}
-  wanted = _flat_shapes(item)
-  if stored != wanted:
-    bad = [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
-    raise ValueError(f"the checkpoint at {directory}/{step} was written with a different config:"
-                     f" parameters {bad[:6]} differ.{_config_differences(directory, config)}")
+  check_compatible(manager, step, item, config, prefix="ema_params/")
   restored = manager.restore(step, args=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True))

@@ -13,7 +13,8 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsno_jax import diffusion, models
+from dsno_jax import diffusion, model_io, models, ode
+from dsno_jax.data import images, trajectories
 from dsno_jax.training import checkpoints, losses, reporting, sharding
 from dsno_jax.training import state as state_lib
 
@@ -74,7 +75,6 @@ def teacher_objective(config) -> Objective:
                                logsnr_min=f.logsnr_min, logsnr_max=f.logsnr_max)
 
   def sample_fn(params, rng):
-    from dsno_jax import ode
     s, c = config.data.image_size, config.data.channels
     z1 = jax.random.normal(rng, (NUM_SAMPLES, s, s, c))
     denoise = diffusion.unet_denoiser(model, params, config.teacher.mean_type,
@@ -178,10 +178,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
   return train_step
 
 
-class Compiled(NamedTuple):
-  """The jitted pieces of a run on one mesh."""
-  mesh: Mesh
-  tx: optax.GradientTransformation
+class JittedRun(NamedTuple):
+  """The jitted functions of a run on one mesh, with the state's shapes and shardings."""
   abstract_state: state_lib.TrainState
   state_shardings: state_lib.TrainState
   init_state: Callable  # params -> sharded TrainState
@@ -189,8 +187,8 @@ class Compiled(NamedTuple):
   sample: Optional[Callable]  # ema params -> replicated images
 
 
-def compile_run(config, objective: Objective, mesh: Mesh) -> Compiled:
-  """Shardings and jitted functions; checks the batch divides over the mesh."""
+def jit_run(config, objective: Objective, mesh: Mesh) -> JittedRun:
+  """Shardings and jitted (not yet compiled) functions; checks the batch divides the mesh."""
   settings = objective.settings
   sharding.check_batch_size(settings.batch_size, mesh, settings.grad_accum)
   tx, schedule = state_lib.make_optimizer(settings)
@@ -208,7 +206,7 @@ def compile_run(config, objective: Objective, mesh: Mesh) -> Compiled:
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 7)
     sample = jax.jit(lambda p: objective.sample_fn(p, sample_rng),
                      in_shardings=(shardings.ema_params,), out_shardings=replicated)
-  return Compiled(mesh, tx, abstract, shardings, init_state, train_step, sample)
+  return JittedRun(abstract, shardings, init_state, train_step, sample)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -295,11 +293,11 @@ def train(config, workdir: str, objective: Objective,
   """
   settings, role = objective.settings, objective.role
   mesh = mesh or sharding.make_mesh()
-  run = compile_run(config, objective, mesh)
+  run = jit_run(config, objective, mesh)
   manager = checkpoints.make_manager(workdir, role, settings, config)
   state = checkpoints.restore_latest(manager, run.abstract_state, run.state_shardings, config)
   if state is None:
-    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # as in jit_run
     state = run.init_state(objective.start_params(init_rng))
   start = int(jax.device_get(state.step))
   writer = reporting.make_writer(workdir, role)
@@ -360,8 +358,6 @@ def train_teacher(config, workdir: str) -> Optional[str]:
 
   Returns the export path (WORKDIR/teacher), or None when preempted before the end.
   """
-  from dsno_jax import model_io
-  from dsno_jax.data import images
   sharding.initialize_distributed(config)
   objective = teacher_objective(config)
   source = images.load_source(config, workdir, config.data.train_split)
@@ -383,7 +379,6 @@ def train_teacher(config, workdir: str) -> Optional[str]:
 
 def trajectory_logsnrs(config, directory: str) -> np.ndarray:
   """The dataset's log-SNRs (K,), checked against the config's save times."""
-  from dsno_jax.data import trajectories
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no trajectory dataset at {directory}; run --mode=generate first "
                             "(or set config.trajectory.dir)")
@@ -398,22 +393,16 @@ def trajectory_logsnrs(config, directory: str) -> np.ndarray:
 
 
 def teacher_params_loader(config, workdir: str) -> Callable:
-  """() -> the configured teacher's parameters (model_io's loader, called only when needed)."""
+  """() -> the configured teacher's parameters (read only when a new run starts)."""
   def load():
-    from dsno_jax import model_io
-    if config.teacher.kind != "unet":
-      raise ValueError(f"train.init_from_teacher needs a network teacher; teacher.kind="
-                       f"{config.teacher.kind!r} has no parameters (set "
-                       "train.init_from_teacher=False)")
-    denoise, identity = model_io.load_teacher(config, workdir)
+    params, identity = model_io.load_teacher_params(config, workdir)
     logging.info("initialising the student from %s", identity)
-    return denoise.args[0]  # load_teacher's denoiser is a Partial over the parameters
+    return params
   return load
 
 
 def train_student(config, workdir: str) -> RunResult:
-  """Mode `train`: DSNO on the trajectory dataset (config.trajectory.dir or WORKDIR/trajectories)."""
-  from dsno_jax.data import trajectories
+  """Mode `train`: DSNO on the trajectories (config.trajectory.dir or WORKDIR/trajectories)."""
   sharding.initialize_distributed(config)
   directory = os.path.abspath(config.trajectory.dir or os.path.join(workdir, "trajectories"))
   logsnr = trajectory_logsnrs(config, directory)

@@ -18,11 +18,15 @@ def _env_int(name: str) -> Optional[int]:
 
 
 def _cluster_env_says_multiprocess() -> bool:
-  """True when a scheduler (SLURM, Open MPI, a multi-host TPU slice) started several processes."""
+  """True when a scheduler (SLURM, Open MPI) started several processes, or on a Cloud TPU VM.
+
+  On TPU VMs (libtpu installed) JAX finds the slice's workers itself, one or many.
+  """
+  import importlib.util
   for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
     if (_env_int(name) or 1) > 1:
       return True
-  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return importlib.util.find_spec("libtpu") is not None
 
 
 def initialize_distributed(config) -> None:
