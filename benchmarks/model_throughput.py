@@ -1,101 +1,240 @@
-"""Compile time, one-step forward and train-step time, and peak memory of DSNO on the bench config.
+"""DSNO speed on the bench config: each optimisation against the plain path and PyTorch, in one run.
 
-python benchmarks/model_throughput.py [--dtype float32|bfloat16] [--repeats 5] [--out DIR]
+Measured in one process, one after another (CPU timings drift; only ratios within a run mean
+much):
+  1. the machine's float32 matmul peak (2048^3, XLA and numpy);
+  2. for each model variant (plain: XLA's convolution gradients and nn.GroupNorm-style norms;
+     + shifted conv: our kernel gradient, models/conv.py; + fused norm: models/norm.py), the
+     compile times, the one-step forward and the train step (forward, backward, Adam), XLA's
+     FLOP count of each, the achieved GFLOP/s and its fraction of the matmul peak;
+  3. sampling: one-step DSNO images/s against the bench teacher UNet with DDIM at 8, 16, 64
+     NFE (the same backbone, random weights), as a ratio;
+  4. the PyTorch reference of the same network (benchmarks/torch_reference.py), in a
+     subprocess after JAX is done, unless --no-torch.
+
+  python benchmarks/model_throughput.py [--dtype float32|bfloat16] [--repeats 5]
+      [--variants plain,shifted_conv,optimised] [--nfes 8,16,64] [--no-torch] [--out DIR]
 """
 import argparse
 import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from configs import bench
-from dsno_jax import diffusion, models
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from configs import bench  # noqa: E402
+from dsno_jax import diffusion, models, ode  # noqa: E402
+
+VARIANTS = {  # name -> (model.conv_impl, model.fused_norm)
+    "plain": ("xla", False),
+    "shifted_conv": ("shifted", False),
+    "optimised": ("shifted", True),
+}
 
 
-def timed(fn, *args, repeats):
+def random_params(shapes, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), jnp.float32), shapes)
+
+
+def median_seconds(fn, repeats):
+  fn()  # warm-up
   times = []
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
   return statistics.median(times)
 
 
-def run(dtype: str, repeats: int):
+def flops_of(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def matmul_peak(repeats: int) -> dict:
+  n = 2048
+  a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+  x = jnp.asarray(a)
+  mm = jax.jit(lambda x: x @ x)
+  flop = 2.0 * n ** 3
+  xla = flop / median_seconds(lambda: mm(x).block_until_ready(), repeats) / 1e9
+  numpy = flop / median_seconds(lambda: a @ a, repeats) / 1e9
+  return {"xla_gflops": xla, "numpy_gflops": numpy}
+
+
+def bench_config(dtype: str, variant: str):
   config = bench.get_config()
   config.model.dtype = dtype
+  config.model.conv_impl, config.model.fused_norm = VARIANTS[variant]
+  return config
+
+
+def student_speed(dtype: str, variant: str, repeats: int, peak: float) -> dict:
+  config = bench_config(dtype, variant)
   model = models.student_from_config(config)
   b, s, c = config.train.batch_size, config.data.image_size, config.data.channels
   k = len(config.trajectory.save_times)
-  params = models.init_student(config, jax.random.PRNGKey(0))
-  noise = jax.random.normal(jax.random.PRNGKey(1), (b, s, s, c))
-  targets = jax.random.normal(jax.random.PRNGKey(2), (b, k, s, s, c))
+  params = random_params(models.param_shapes(models.init_student, config), 0)
+  rng = np.random.default_rng(1)
+  noise = jnp.asarray(rng.standard_normal((b, s, s, c)), jnp.float32)
+  targets = jnp.asarray(rng.standard_normal((b, k, s, s, c)), jnp.float32)
   logsnr = jnp.asarray(diffusion.save_logsnrs(config))
   opt = optax.adam(2e-4)
   opt_state = opt.init(params)
 
-  forward = jax.jit(lambda p, z: model.apply({"params": p}, z, logsnr, train=False))
+  def loss_fn(p):
+    return jnp.mean((model.apply({"params": p}, noise, logsnr, train=False) - targets) ** 2)
 
-  def step(p, o, z, t):
-    loss, g = jax.value_and_grad(
-        lambda p: jnp.mean((model.apply({"params": p}, z, logsnr, train=False) - t) ** 2))(p)
+  def step(p, o):
+    loss, g = jax.value_and_grad(loss_fn)(p)
     updates, o = opt.update(g, o, p)
     return optax.apply_updates(p, updates), o, loss
 
-  train_step = jax.jit(step, donate_argnums=(0, 1))
-  t0 = time.perf_counter()
+  forward = jax.jit(lambda p, z: model.apply({"params": p}, z, logsnr, train=False))
+  start = time.perf_counter()
   compiled_fwd = forward.lower(params, noise).compile()
-  compile_fwd = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled_step = train_step.lower(params, opt_state, noise, targets).compile()
-  compile_step = time.perf_counter() - t0
-  jax.block_until_ready(compiled_fwd(params, noise))
-  fwd = timed(compiled_fwd, params, noise, repeats=repeats)
-  step_times = []
-  for _ in range(repeats + 1):
-    t0 = time.perf_counter()
-    params, opt_state, loss = compiled_step(params, opt_state, noise, targets)
-    jax.block_until_ready(loss)
-    step_times.append(time.perf_counter() - t0)
-  flops = compiled_step.cost_analysis()
-  flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
+  compile_fwd = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled_step = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
+  compile_step = time.perf_counter() - start
+  fwd_s = median_seconds(lambda: compiled_fwd(params, noise).block_until_ready(), repeats)
+  state = [params, opt_state]
+
+  def one_step():
+    state[0], state[1], loss = compiled_step(*state)
+    loss.block_until_ready()
+
+  step_s = median_seconds(one_step, repeats)
+  fwd_flop, step_flop = flops_of(compiled_fwd), flops_of(compiled_step)
   return {
-      "dtype": dtype,
-      "compile_forward_s": compile_fwd,
-      "compile_train_step_s": compile_step,
-      "forward_s": fwd,
-      "train_step_s": statistics.median(step_times[1:]),
-      "train_step_gflop": flops / 1e9,
-      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+      "variant": variant, "dtype": dtype, "conv_impl": config.model.conv_impl,
+      "fused_norm": config.model.fused_norm,
+      "compile_forward_s": compile_fwd, "compile_train_step_s": compile_step,
+      "forward_s": fwd_s, "train_step_s": step_s,
+      "forward_gflop": fwd_flop / 1e9, "train_step_gflop": step_flop / 1e9,
+      "forward_gflops": fwd_flop / fwd_s / 1e9, "train_step_gflops": step_flop / step_s / 1e9,
+      "forward_peak_fraction": fwd_flop / fwd_s / 1e9 / peak,
+      "train_step_peak_fraction": step_flop / step_s / 1e9 / peak,
+      "images_per_s": b / fwd_s, "batch": b, "K": k,
       "params": models.count_params(params),
-      "backend": jax.default_backend(),
   }
 
 
+def teacher_ddim_speed(dtype: str, variant: str, nfes, repeats: int) -> list:
+  """Images/s of the bench teacher UNet sampling with DDIM at each NFE (batch as DSNO's)."""
+  config = bench_config(dtype, variant)
+  model = models.teacher_from_config(config)
+  b, s, c = config.train.batch_size, config.data.image_size, config.data.channels
+  params = random_params(models.param_shapes(models.init_teacher, config), 2)
+  z1 = jnp.asarray(np.random.default_rng(3).standard_normal((b, s, s, c)), jnp.float32)
+  rows = []
+  for nfe in nfes:
+    sample = jax.jit(lambda p, z, nfe=nfe: ode.trajectory(
+        diffusion.unet_denoiser(model, p, config.teacher.mean_type, config.teacher.clip_x),
+        z, (0.0,), solver="ddim", num_steps=nfe))
+    compiled = sample.lower(params, z1).compile()
+    seconds = median_seconds(lambda: compiled(params, z1).block_until_ready(),
+                             max(1, repeats // 2))
+    rows.append({"nfe": nfe, "seconds_per_batch": seconds, "images_per_s": b / seconds})
+  return rows
+
+
+def torch_reference(repeats: int, out_dir: str):
+  path = os.path.join(out_dir, "torch_reference.json")
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "torch_reference.py"),
+         "--repeats", str(repeats), "--out", path]
+  try:
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=1800)
+  except (subprocess.CalledProcessError, FileNotFoundError, subprocess.TimeoutExpired) as e:
+    print(f"PyTorch reference not measured: {e}", flush=True)
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def print_tables(result: dict):
+  peak, rows, ref = result["matmul_peak"], result["variants"], result.get("torch")
+  print(f"\nmatmul peak (float32 2048^3): XLA {peak['xla_gflops']:.0f} GFLOP/s, numpy "
+        f"{peak['numpy_gflops']:.0f} GFLOP/s; backend {result['backend']}, "
+        f"{result['devices']} device(s)\n")
+  print("| variant | compile fwd s | compile step s | forward s | train step s | fwd GFLOP | "
+        "step GFLOP | fwd GFLOP/s (% peak) | step GFLOP/s (% peak) | vs torch fwd | "
+        "vs torch step |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    vs = lambda ours, key: f"{ref[key] / ours:.2f}x" if ref else "-"
+    print(f"| {r['variant']} ({r['dtype']}) | {r['compile_forward_s']:.1f} | "
+          f"{r['compile_train_step_s']:.1f} | {r['forward_s']:.3f} | {r['train_step_s']:.3f} | "
+          f"{r['forward_gflop']:.1f} | {r['train_step_gflop']:.1f} | "
+          f"{r['forward_gflops']:.1f} ({100 * r['forward_peak_fraction']:.0f}%) | "
+          f"{r['train_step_gflops']:.1f} ({100 * r['train_step_peak_fraction']:.0f}%) | "
+          f"{vs(r['forward_s'], 'forward_s')} | {vs(r['train_step_s'], 'train_step_s')} |")
+  if ref:
+    print(f"| PyTorch reference ({ref['threads']} threads) | - | - | {ref['forward_s']:.3f} | "
+          f"{ref['train_step_s']:.3f} | | | | | 1.00x | 1.00x |")
+  print("\n(vs torch: PyTorch's time / ours, so > 1 is faster than the reference)")
+  sampling = result.get("sampling")
+  if sampling:
+    one = sampling["dsno_images_per_s"]
+    print(f"\n| sampler ({sampling['variant']}) | NFE | images/s | DSNO speed-up |")
+    print("|---|---|---|---|")
+    print(f"| DSNO one step | 1 | {one:.2f} | 1.0x |")
+    for r in sampling["teacher_ddim"]:
+      print(f"| teacher DDIM | {r['nfe']} | {r['images_per_s']:.3f} | "
+            f"{one / r['images_per_s']:.1f}x |")
+
+
 def main():
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--variants", default="plain,shifted_conv,optimised")
+  parser.add_argument("--nfes", default="8,16,64", help="teacher DDIM NFEs ('' to skip)")
+  parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
   args = parser.parse_args()
-  result = run(args.dtype, args.repeats)
-  print("| dtype | compile fwd (s) | compile step (s) | forward (s) | train step (s) | step GFLOP | peak RSS (GiB) |")
-  print("|---|---|---|---|---|---|---|")
-  r = result
-  print(f"| {r['dtype']} | {r['compile_forward_s']:.1f} | {r['compile_train_step_s']:.1f} | "
-        f"{r['forward_s']:.3f} | {r['train_step_s']:.3f} | {r['train_step_gflop']:.1f} | "
-        f"{r['peak_rss_gib']:.2f} |")
   os.makedirs(args.out, exist_ok=True)
+  variants = args.variants.split(",")
+  for v in variants:
+    if v not in VARIANTS:
+      parser.error(f"--variants: {v!r} is not one of {sorted(VARIANTS)}")
+  peak = matmul_peak(args.repeats)
+  result = {"backend": jax.default_backend(), "devices": jax.device_count(),
+            "matmul_peak": peak, "variants": []}
+  for v in variants:
+    r = student_speed(args.dtype, v, args.repeats, peak["xla_gflops"])
+    result["variants"].append(r)
+    print(f"{v}: forward {r['forward_s']:.3f} s, train step {r['train_step_s']:.3f} s",
+          flush=True)
+  if args.nfes:
+    best = variants[-1]
+    nfes = [int(n) for n in args.nfes.split(",")]
+    result["sampling"] = {
+        "variant": best,
+        "dsno_images_per_s": result["variants"][-1]["images_per_s"],
+        "teacher_ddim": teacher_ddim_speed(args.dtype, best, nfes, args.repeats)}
+  result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+  if not args.no_torch and jax.default_backend() == "cpu":
+    result["torch"] = torch_reference(args.repeats, args.out)
+  print_tables(result)
   path = os.path.join(args.out, f"model_throughput_{args.dtype}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
-  print(f"wrote {path}")
+  print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

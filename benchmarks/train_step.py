@@ -1,4 +1,4 @@
-"""DSNO train-step throughput and memory on the bench configuration, per dtype and device count.
+"""DSNO train-step throughput and memory of a config (default: bench), per dtype and device count.
 
 Each (dtype, device count) runs in its own subprocess with that many virtual CPU devices (or
 the real accelerators when they exist), times `--steps` steps after a warm-up step, and
@@ -6,8 +6,12 @@ saves its parameters; the table reports examples/s, compile time, the compiled s
 per-device memory (XLA's memory analysis), the process's peak RSS, and the largest
 parameter difference from the 1-device run of the same dtype (devices must agree).
 
-  python benchmarks/train_step.py --out /tmp/train_step.json [--devices 1,2,4,8]
-      [--dtypes float32,bfloat16] [--steps 2]
+  python benchmarks/train_step.py [--config bench] [--batch 0] [--devices 1,2,4,8]
+      [--dtypes float32,bfloat16] [--steps 2] [--out benchmarks/results/train_step.json]
+
+The configs/cifar10.py architecture at batch 1 on one CPU device (issue 7):
+  python benchmarks/train_step.py --config cifar10 --batch 1 --devices 1 --dtypes float32
+A perceptual loss (cifar10 trains with "vgg") runs on random VGG16 weights of the real shapes.
 """
 import argparse
 import json
@@ -23,15 +27,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def worker(args):
   """Runs in the subprocess: compile, warm up, time, save the parameters."""
+  import importlib
   import jax
   import numpy as np
-  from configs import bench
   from dsno_jax import diffusion
-  from dsno_jax.training import loop, sharding
+  from dsno_jax.training import loop, perceptual, sharding
 
-  config = bench.get_config()
+  config = importlib.import_module(f"configs.{args.config}").get_config()
   config.model.dtype = args.dtype
   config.train.init_from_teacher = False
+  if args.batch:
+    config.train.batch_size = args.batch
+  if config.train.loss in perceptual.KINDS:
+    config.train.perceptual_weights = perceptual.write_random_weights(
+        args.params_out + ".perceptual.npz", config.train.loss)
   b, s, c = config.train.batch_size, config.data.image_size, config.data.channels
   k = len(config.trajectory.save_times)
   objective = loop.student_objective(config, diffusion.save_logsnrs(config))
@@ -70,13 +79,15 @@ def worker(args):
   print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_one(dtype: str, devices: int, steps: int, params_out: str, timeout_s: int) -> dict:
+def run_one(args, dtype: str, devices: int, params_out: str) -> dict:
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--dtype", dtype,
-                        "--steps", str(steps), "--params_out", params_out],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+                        "--steps", str(args.steps), "--params_out", params_out,
+                        "--config", args.config, "--batch", str(args.batch)],
+                       env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=args.timeout_s)
   lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
   if out.returncode or not lines:
     raise RuntimeError(f"{dtype} on {devices} devices failed:\n{out.stderr[-3000:]}")
@@ -95,11 +106,14 @@ def main():
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--params_out", help=argparse.SUPPRESS)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--config", default="bench", help="a module of configs/")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--devices", default="1,2,4,8")
   parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
   parser.add_argument("--timeout_s", type=int, default=900, help="per configuration")
-  parser.add_argument("--out", default="train_step.json")
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                    "train_step.json"))
   args = parser.parse_args()
   if args.worker:
     return worker(args)
@@ -110,7 +124,7 @@ def main():
       reference = None
       for devices in [int(d) for d in args.devices.split(",")]:
         params = os.path.join(tmp, f"{dtype}_{devices}.npz")
-        result = run_one(dtype, devices, args.steps, params, args.timeout_s)
+        result = run_one(args, dtype, devices, params)
         reference = reference or params
         result["max_param_diff_vs_first"] = max_difference(reference, params)
         results.append(result)
@@ -125,8 +139,10 @@ def main():
     print(f"| {r['dtype']} | {r['devices']} | {r['examples_per_s']:.2f} | {r['step_s']:.2f} | "
           f"{r['compile_s']:.1f} | {memory} | {r['host_peak_rss_mib']:.0f} | "
           f"{r['max_param_diff_vs_first']:.2e} |")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump({"config": "configs/bench.py (DSNO, K=4, batch 8)", "results": results}, f, indent=1)
+    json.dump({"config": f"configs/{args.config}.py", "batch": args.batch or "config",
+               "results": results}, f, indent=1)
   print(f"wrote {args.out}")
 
 

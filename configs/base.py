@@ -37,6 +37,10 @@ def get_config():
   m.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (params stay float32)
   m.num_modes = 2  # DSNO: Fourier modes kept by every TimeConv
   m.remat = False  # rematerialise each block in the backward pass (saves memory)
+  # convolution kernel gradient: "auto" (the "shifted" per-tap matmuls on CPU, where XLA's own
+  # is slow; XLA's elsewhere) | "xla" | "shifted"; see dsno_jax/models/conv.py
+  m.conv_impl = "auto"
+  m.fused_norm = True  # GroupNorm+FiLM+swish in one pass (models/norm.py); False: plain
 
   # --- the teacher --------------------------------------------------------
   config.teacher = t = ml_collections.ConfigDict()

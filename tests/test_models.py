@@ -7,7 +7,7 @@ import pytest
 
 from configs import tiny
 from dsno_jax import diffusion, models
-from param_utils import random_params
+from param_utils import assert_trees_close, random_params
 
 B = 2
 
@@ -153,6 +153,26 @@ def test_bfloat16_compute_is_finite_and_close(setup):
   assert bool(jnp.all(jnp.isfinite(bf16)))
   rel = float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32))
   assert rel < 2e-2, rel
+
+
+def test_remat_gives_the_same_outputs_and_gradients(setup):
+  """nn.remat recomputes blocks in the backward pass: same numbers, fewer saved activations."""
+  config, _, student_params, noise, labels, logsnr = setup
+  student_params = perturbed(student_params, 6, 0.02)
+
+  def loss_and_grad(remat):
+    config.model.remat = remat
+    model = models.student_from_config(config)
+    config.model.remat = False
+    loss = lambda p: jnp.mean(model.apply({"params": p}, noise, logsnr, labels, train=False) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(student_params), model
+
+  (plain_loss, plain_grad), _ = loss_and_grad(False)
+  (remat_loss, remat_grad), model = loss_and_grad(True)
+  assert model.remat
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-5)
+  assert_trees_close(remat_grad, plain_grad, rtol=1e-4)
+  assert max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(plain_grad)) > 0
 
 
 def test_dropout_is_active_only_in_training():

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from dsno_jax.models.blocks import (AttnBlock, ResnetBlock, group_norm, logsnr_input,
                                     sinusoidal_embedding, upsample_nearest)
+from dsno_jax.models.conv import Conv
 from dsno_jax.models.time_conv import TimeConv
 
 
@@ -31,6 +32,8 @@ class UNet(nn.Module):
   image_size: Optional[int] = None  # when set, inputs must be this many pixels square
   dtype: Any = jnp.float32  # compute dtype; parameters are float32
   remat: bool = False  # recompute each block in the backward pass
+  conv_impl: str = "auto"  # convolution kernel-gradient algorithm (models/conv.py)
+  fused_norm: bool = True  # GroupNorm+FiLM+swish computed as in models/norm.py
 
   @nn.compact
   def __call__(self, x, logsnr, y=None, *, train: bool):
@@ -96,9 +99,11 @@ class UNet(nn.Module):
   def _backbone(self, x, emb, train: bool, num_times: Optional[int]):
     """x: (B, H, W, C); emb: (N, emb_ch) with N = B * (num_times or 1)."""
     resnet, attn = self._blocks()
-    res_kw = dict(dropout=self.dropout, deterministic=not train, dtype=self.dtype)
-    attn_kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype)
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+    res_kw = dict(dropout=self.dropout, deterministic=not train, dtype=self.dtype,
+                  conv_impl=self.conv_impl, fused_norm=self.fused_norm)
+    attn_kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
+                   fused_norm=self.fused_norm)
+    h = Conv(self.ch, dtype=self.dtype, impl=self.conv_impl, name="conv_in")(x)
     if num_times is not None:  # one conv_in, then K copies folded into the batch
       b = h.shape[0]
       h = jnp.broadcast_to(h[:, None], (b, num_times) + h.shape[1:]).reshape((-1,) + h.shape[1:])
@@ -131,20 +136,22 @@ class UNet(nn.Module):
         h = self._upsample(h, emb, f"up_{i}.upsample", resnet, res_kw)
     assert not skips
 
-    h = nn.swish(group_norm("norm_out", self.dtype)(h))
-    h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                name="conv_out")(h)
+    h = group_norm("norm_out", self.dtype, self.fused_norm)(h, swish=True)
+    h = Conv(self.out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+             impl=self.conv_impl, name="conv_out")(h)
     return h.astype(jnp.float32)
 
   def _downsample(self, h, emb, name, resnet, res_kw):
     if self.resblock_resample:
       return resnet(resample="down", name=name, **res_kw)(h, emb)
-    return nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name=name)(h)
+    return Conv(h.shape[-1], strides=(2, 2), dtype=self.dtype, impl=self.conv_impl,
+                name=name)(h)
 
   def _upsample(self, h, emb, name, resnet, res_kw):
     if self.resblock_resample:
       return resnet(resample="up", name=name, **res_kw)(h, emb)
-    return nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=name)(upsample_nearest(h))
+    return Conv(h.shape[-1], dtype=self.dtype, impl=self.conv_impl, name=name)(
+        upsample_nearest(h))
 
 
 class DSNO(UNet):

@@ -185,6 +185,16 @@ def load_weights(path: str, kind: str = "lpips"):
   return flax.traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in flat.items()})
 
 
+def write_random_weights(path: str, kind: str, seed: int = 0) -> str:
+  """A converted-format .npz of random VGG16 (+ LPIPS heads for "lpips") weights at `path`:
+  the real file's shapes and cost, for benchmarks and memory estimates without the download."""
+  rng = np.random.default_rng(seed)
+  flat = {"/".join(p): (0.01 * np.abs(rng.standard_normal(shape))).astype(np.float32)
+          for p, shape in weight_shapes(kind == "lpips").items()}
+  np.savez(path, **flat)
+  return path
+
+
 def distance_from_file(kind: str, path: str) -> Callable:
   """The per-time distance (B, K, H, W, C) x2 -> (K,) of `kind` ("vgg" | "lpips") with the
   weights of the converted .npz at `path`."""
