@@ -3,9 +3,9 @@
 Measured in one process, one after another (CPU timings drift; only ratios within a run mean
 much):
   1. the machine's float32 matmul peak (2048^3, XLA and numpy);
-  2. for each model variant (plain: XLA's convolution gradients and nn.GroupNorm-style norms;
-     + shifted conv: our kernel gradient, models/conv.py; + fused norm: models/norm.py), the
-     compile times, the one-step forward and the train step (forward, backward, Adam), XLA's
+  2. for each model variant, cumulative (plain: XLA's convolution gradients, nn.GroupNorm-style
+     norms, FFT TimeConv; + shifted_conv: our kernel gradient, models/conv.py; + fused_norm:
+     models/norm.py; optimised: + the DFT-matmul TimeConv, models/time_conv.py), the compile times, the one-step forward and the train step (forward, backward, Adam), XLA's
      FLOP count of each, the achieved GFLOP/s and its fraction of the matmul peak;
   3. sampling: one-step DSNO images/s against the bench teacher UNet with DDIM at 8, 16, 64
      NFE (the same backbone, random weights), as a ratio;
@@ -13,7 +13,7 @@ much):
      subprocess after JAX is done, unless --no-torch.
 
   python benchmarks/model_throughput.py [--dtype float32|bfloat16] [--repeats 5]
-      [--variants plain,shifted_conv,optimised] [--nfes 8,16,64] [--no-torch] [--out DIR]
+      [--variants plain,shifted_conv,fused_norm,optimised] [--nfes 8,16,64] [--no-torch] [--out DIR]
 """
 import argparse
 import json
@@ -35,10 +35,11 @@ import optax  # noqa: E402
 from configs import bench  # noqa: E402
 from dsno_jax import diffusion, models, ode  # noqa: E402
 
-VARIANTS = {  # name -> (model.conv_impl, model.fused_norm)
-    "plain": ("xla", False),
-    "shifted_conv": ("shifted", False),
-    "optimised": ("shifted", True),
+VARIANTS = {  # name -> (model.conv_impl, model.fused_norm, model.time_conv_impl), cumulative
+    "plain": ("xla", False, "fft"),
+    "shifted_conv": ("shifted", False, "fft"),
+    "fused_norm": ("shifted", True, "fft"),
+    "optimised": ("shifted", True, "dft"),
 }
 
 
@@ -78,7 +79,8 @@ def matmul_peak(repeats: int) -> dict:
 def bench_config(dtype: str, variant: str):
   config = bench.get_config()
   config.model.dtype = dtype
-  config.model.conv_impl, config.model.fused_norm = VARIANTS[variant]
+  m = config.model
+  m.conv_impl, m.fused_norm, m.time_conv_impl = VARIANTS[variant]
   return config
 
 
@@ -121,7 +123,7 @@ def student_speed(dtype: str, variant: str, repeats: int, peak: float) -> dict:
   fwd_flop, step_flop = flops_of(compiled_fwd), flops_of(compiled_step)
   return {
       "variant": variant, "dtype": dtype, "conv_impl": config.model.conv_impl,
-      "fused_norm": config.model.fused_norm,
+      "fused_norm": config.model.fused_norm, "time_conv_impl": config.model.time_conv_impl,
       "compile_forward_s": compile_fwd, "compile_train_step_s": compile_step,
       "forward_s": fwd_s, "train_step_s": step_s,
       "forward_gflop": fwd_flop / 1e9, "train_step_gflop": step_flop / 1e9,
@@ -202,7 +204,7 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--variants", default="plain,shifted_conv,optimised")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--nfes", default="8,16,64", help="teacher DDIM NFEs ('' to skip)")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))

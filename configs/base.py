@@ -41,6 +41,7 @@ def get_config():
   # is slow; XLA's elsewhere) | "xla" | "shifted"; see dsno_jax/models/conv.py
   m.conv_impl = "auto"
   m.fused_norm = True  # GroupNorm+FiLM+swish in one pass (models/norm.py); False: plain
+  m.time_conv_impl = "auto"  # TimeConv: "auto" (dft on CPU, fft elsewhere) | "fft" | "dft"
 
   # --- the teacher --------------------------------------------------------
   config.teacher = t = ml_collections.ConfigDict()

@@ -28,7 +28,7 @@ def get_config():
 
   config.teacher.mean_type, config.teacher.clip_x = "v", True
   t = config.teacher.train
-  t.batch_size, t.num_steps, t.learning_rate, t.warmup_steps = 64, 1500, 5e-4, 100
+  t.batch_size, t.num_steps, t.learning_rate, t.warmup_steps = 64, 1200, 5e-4, 100
   t.grad_clip, t.ema_decay, t.loss_weighting = 1.0, 0.999, "snr_trunc"
   t.log_every, t.checkpoint_every, t.sample_every = 50, 500, 500
 
@@ -37,8 +37,9 @@ def get_config():
   g.num_examples, g.batch_size, g.shard_size = 2048, 512, 512
 
   s = config.train
-  s.batch_size, s.num_steps, s.learning_rate, s.warmup_steps = 64, 500, 5e-4, 50
-  s.milestones, s.ema_decay, s.grad_clip = (400,), 0.999, 1.0
+  s.batch_size, s.num_steps, s.learning_rate, s.warmup_steps = 64, 400, 5e-4, 50
+  s.milestones, s.ema_decay, s.grad_clip = (320,), 0.999, 1.0
   s.loss, s.time_weighting, s.init_from_teacher = "l1", "snr", True
   s.log_every, s.checkpoint_every, s.sample_every = 25, 100, 100
+  config.eval.num_samples, config.eval.batch_size = 800, 200
   return config

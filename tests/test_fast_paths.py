@@ -8,7 +8,7 @@ import pytest
 
 from configs import tiny
 from dsno_jax import diffusion, models
-from dsno_jax.models import conv, norm
+from dsno_jax.models import conv, norm, time_conv
 from param_utils import assert_trees_close, random_params
 
 
@@ -57,9 +57,33 @@ def test_conv_module_matches_flax_conv_parameters_and_values():
                      value_and_grads(lambda p: flax_conv.apply(p, x), params))
 
 
+def test_auto_picks_shifted_on_cpu_only_for_large_images():
+  assert jax.default_backend() == "cpu"
+  assert conv.resolve_impl("auto", (32, 32)) == "shifted"
+  assert conv.resolve_impl("auto", (16, 16)) == "xla"
+  assert conv.resolve_impl("xla", (64, 64)) == "xla"
+
+
 def test_unknown_conv_impl_is_refused():
   with pytest.raises(ValueError, match="model.conv_impl='fast'"):
     conv.resolve_impl("fast")
+
+
+@pytest.mark.parametrize("shape,modes", [((2, 4, 3, 3, 8), 2), ((1, 5, 2, 2, 4), 3),
+                                         ((2, 8, 2, 3, 4), 5), ((3, 2, 2, 2, 4), 2)])
+def test_dft_time_conv_equals_fft(shape, modes):
+  rng = np.random.default_rng(5)
+  h = randn(rng, shape)
+  params = {"weight_real": randn(rng, (shape[-1], shape[-1], modes), 0.5),
+            "weight_imag": randn(rng, (shape[-1], shape[-1], modes), 0.5)}
+  apply = lambda impl: lambda p, h: time_conv.TimeConv(modes, impl=impl).apply({"params": p}, h)
+  assert_trees_close(value_and_grads(apply("dft"), params, h),
+                     value_and_grads(apply("fft"), params, h))
+
+
+def test_unknown_time_conv_impl_is_refused():
+  with pytest.raises(ValueError, match="model.time_conv_impl='matmul'"):
+    time_conv.resolve_impl("matmul")
 
 
 def flax_group_norm_film_swish(params, x, film_scale, film_shift, swish):
@@ -87,7 +111,7 @@ def test_group_norm_equals_flax(shape, film, swish, fused):
 
 
 def test_optimised_student_equals_the_plain_one():
-  """The whole DSNO: shifted convs + fused norms give plain (XLA convs, plain norms) numbers.
+  """The whole DSNO: shifted convs, fused norms and DFT TimeConvs give the plain numbers.
 
   TimeConv weights are zero here: with random ones, some TimeConv updates sit within rounding
   of leaky_relu's kink, and a 1e-7 relative change of the inputs moves weight gradients by
@@ -103,10 +127,11 @@ def test_optimised_student_equals_the_plain_one():
   noise, labels = randn(rng, (2, 8, 8, 1)), jnp.array([1, 2])
   logsnr = jnp.asarray(diffusion.save_logsnrs(config))
 
-  def run(impl, fused_norm):
-    config.model.conv_impl, config.model.fused_norm = impl, fused_norm
+  def run(impl, fused_norm, time_conv_impl):
+    m = config.model
+    m.conv_impl, m.fused_norm, m.time_conv_impl = impl, fused_norm, time_conv_impl
     model = models.student_from_config(config)
     return value_and_grads(lambda p: model.apply({"params": p}, noise, logsnr, labels,
                                                  train=False), params)
 
-  assert_trees_close(run("shifted", True), run("xla", False))
+  assert_trees_close(run("shifted", True, "dft"), run("xla", False, "fft"))

@@ -27,14 +27,15 @@ def reference_time_conv(h, w_real, w_imag):
   return h + np.where(update > 0, update, 0.01 * update)
 
 
+@pytest.mark.parametrize("impl", ["fft", "dft"])
 @pytest.mark.parametrize("k", range(1, 9))
-def test_time_conv_equals_explicit_dft(k):
+def test_time_conv_equals_explicit_dft(k, impl):
   c, modes = 4, 2
   h = jax.random.normal(jax.random.PRNGKey(k), (2, k, 3, 3, c))
   params = TimeConv(num_modes=modes).init(jax.random.PRNGKey(0), h)["params"]
   # larger weights than the init so that the update is not negligible
   params = jax.tree_util.tree_map(lambda w: 2.0 * w - 1.0, params)
-  got = TimeConv(num_modes=modes).apply({"params": params}, h)
+  got = TimeConv(num_modes=modes, impl=impl).apply({"params": params}, h)
   want = reference_time_conv(h, params["weight_real"], params["weight_imag"])
   np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, rtol=1e-5)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsno_jax import diffusion
-from dsno_jax.models import conv
+from dsno_jax.models import conv, time_conv
 from dsno_jax.models.unet import DSNO, UNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,7 +27,8 @@ def _unet_fields(config) -> Dict[str, Any]:
       dropout=m.dropout, logsnr_input_type=m.logsnr_input_type,
       resblock_resample=m.resblock_resample, num_classes=config.data.num_classes,
       image_size=config.data.image_size, dtype=_dtype(m.dtype), remat=m.remat,
-      conv_impl=conv.resolve_impl(m.conv_impl), fused_norm=m.fused_norm)
+      conv_impl=conv.resolve_impl(m.conv_impl), fused_norm=m.fused_norm,
+      time_conv_impl=time_conv.resolve_impl(m.time_conv_impl))
 
 
 def teacher_from_config(config) -> UNet:

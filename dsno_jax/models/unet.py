@@ -34,6 +34,7 @@ class UNet(nn.Module):
   remat: bool = False  # recompute each block in the backward pass
   conv_impl: str = "auto"  # convolution kernel-gradient algorithm (models/conv.py)
   fused_norm: bool = True  # GroupNorm+FiLM+swish computed as in models/norm.py
+  time_conv_impl: str = "fft"  # DSNO's TimeConv: "fft" | "dft" (models/time_conv.py)
 
   @nn.compact
   def __call__(self, x, logsnr, y=None, *, train: bool):
@@ -181,4 +182,5 @@ class DSNO(UNet):
 
   def _time_mix(self, h, name: str, num_times: Optional[int]):
     unfolded = h.reshape((-1, num_times) + h.shape[1:])
-    return TimeConv(num_modes=self.num_modes, name=name)(unfolded).reshape(h.shape)
+    return TimeConv(num_modes=self.num_modes, impl=self.time_conv_impl, name=name)(
+        unfolded).reshape(h.shape)
