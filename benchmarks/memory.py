@@ -21,6 +21,7 @@ import argparse
 import importlib
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -38,7 +39,7 @@ def parse():
 
 
 ARGS = parse() if __name__ == "__main__" else None
-if ARGS is not None and "jax" not in os.sys.modules:
+if ARGS is not None and "jax" not in sys.modules:  # the device count is fixed at jax import
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={ARGS.devices}")
 

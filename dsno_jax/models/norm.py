@@ -4,8 +4,10 @@ Same parameters ("scale", "bias" of shape (C,)) and numbers as flax's nn.GroupNo
 `* (1 + film_scale) + film_shift` and swish, computed differently: the statistics are sums
 over the pixel axis with the channels kept contiguous (then summed within groups, a tiny
 array), and the normalisation, affine and FiLM fold into one per-(image, channel) multiply-add.
-nn.GroupNorm reduces a (N, H, W, G, C/G) view over three axes, which XLA:CPU runs about 4x
-slower forward and 7x slower forward+backward at 32x32x64 (benchmarks/blocks.py).
+nn.GroupNorm reduces a (N, H, W, G, C/G) view over three axes, which XLA:CPU ran about 4x
+slower forward and 7x slower forward+backward at 32x32x64, batch 32 (26 vs 5.7 ms, 60 vs
+8.6 ms, in a one-off probe); the whole-model effect is the `fused_norm` row of
+benchmarks/model_throughput.py.
 The variance is computed around the mean (two passes), not as E[x^2] - E[x]^2.
 """
 from typing import Any, Optional
