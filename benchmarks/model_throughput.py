@@ -43,6 +43,11 @@ VARIANTS = {  # name -> (conv_impl, fused_norm, time_conv_impl, remat) of config
     "fused_norm": ("shifted", True, "fft", False),
     "optimised": ("shifted", True, "dft", False),
     "optimised+remat": ("shifted", True, "dft", True),
+    # Each fast path alone, and remat alone (for accelerators: benchmarks/gpu.py).
+    "shifted_conv_only": ("shifted", False, "fft", False),
+    "fused_norm_only": ("xla", True, "fft", False),
+    "dft_only": ("xla", False, "dft", False),
+    "remat": ("xla", False, "fft", True),
 }
 
 
@@ -62,8 +67,12 @@ def median_seconds(fn, repeats):
   return statistics.median(times)
 
 
-def flops_of(compiled) -> float:
-  cost = compiled.cost_analysis()
+def flops_of(program) -> float:
+  """XLA's FLOP count of a jax Lowered or Compiled program."""
+  cost = program.cost_analysis()
+  if not cost:
+    raise ValueError(f"XLA gave no cost analysis for {type(program).__name__} on "
+                     f"{jax.default_backend()}")
   cost = cost[0] if isinstance(cost, list) else cost
   return float(cost.get("flops", float("nan")))
 
@@ -79,16 +88,20 @@ def matmul_peak(repeats: int) -> dict:
   return {"xla_gflops": xla, "numpy_gflops": numpy}
 
 
-def bench_config(dtype: str, variant: str):
-  config = bench.get_config()
+def bench_config(dtype: str, variant: str, config=None, batch: int = 0):
+  """`config` (default: the bench config) with the model dtype and the variant's fast paths."""
+  config = bench.get_config() if config is None else config
   config.model.dtype = dtype
   m = config.model
   m.conv_impl, m.fused_norm, m.time_conv_impl, m.remat = VARIANTS[variant]
+  if batch:
+    config.train.batch_size = batch
   return config
 
 
-def student_speed(dtype: str, variant: str, repeats: int, peak: float) -> dict:
-  config = bench_config(dtype, variant)
+def student_programs(config) -> dict:
+  """The DSNO of `config` on random parameters and data: jitted forward and train step (MSE
+  to random targets, Adam; parameters and optimiser state donated) and their arguments."""
   model = models.student_from_config(config)
   b, s, c = config.train.batch_size, config.data.image_size, config.data.channels
   k = len(config.trajectory.save_times)
@@ -97,52 +110,95 @@ def student_speed(dtype: str, variant: str, repeats: int, peak: float) -> dict:
   noise = jnp.asarray(rng.standard_normal((b, s, s, c)), jnp.float32)
   targets = jnp.asarray(rng.standard_normal((b, k, s, s, c)), jnp.float32)
   logsnr = jnp.asarray(diffusion.save_logsnrs(config))
+  classes = config.data.num_classes
+  y = jnp.asarray(rng.integers(0, classes, (b,)), jnp.int32) if classes > 1 else None
   opt = optax.adam(2e-4)
-  opt_state = opt.init(params)
 
   def loss_fn(p):
-    return jnp.mean((model.apply({"params": p}, noise, logsnr, train=False) - targets) ** 2)
+    return jnp.mean((model.apply({"params": p}, noise, logsnr, y, train=False) - targets) ** 2)
 
   def step(p, o):
     loss, g = jax.value_and_grad(loss_fn)(p)
     updates, o = opt.update(g, o, p)
     return optax.apply_updates(p, updates), o, loss
 
-  forward = jax.jit(lambda p, z: model.apply({"params": p}, z, logsnr, train=False))
+  return {"forward": jax.jit(lambda p, z: model.apply({"params": p}, z, logsnr, y, train=False)),
+          "step": jax.jit(step, donate_argnums=(0, 1)), "params": params,
+          "opt_state": opt.init(params), "noise": noise, "batch": b, "K": k}
+
+
+def model_flops(programs: dict) -> tuple:
+  """(forward, train step) FLOPs from XLA's cost analysis of the lowered, unoptimised programs.
+
+  The network's arithmetic, the same on every backend: compiled programs can hide FLOPs (XLA:GPU
+  turns convolutions into cuDNN custom calls, which its cost analysis counts as zero)."""
+  # Lowered for the CPU: XLA:GPU's cost analysis of an unoptimised program returns nothing.
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  spec = lambda tree: jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), tree)
+  params = spec(programs["params"])
+  return (flops_of(programs["forward"].lower(params, spec(programs["noise"]))),
+          flops_of(programs["step"].lower(params, spec(programs["opt_state"]))))
+
+
+def student_speed(dtype: str, variant: str, repeats: int, peak: float, config=None,
+                  keep_step: bool = False) -> dict:
+  """Forward and train-step speed of the DSNO of `bench_config(dtype, variant, config)`.
+
+  With keep_step, the result also holds '_step': (compiled train step, [params, opt_state])
+  for a caller that profiles it (not JSON-serialisable: pop it before dumping)."""
+  config = bench_config(dtype, variant, config)
+  prog = student_programs(config)
+  params, noise, b = prog["params"], prog["noise"], prog["batch"]
+  fwd_flop, step_flop = model_flops(prog)
   start = time.perf_counter()
-  compiled_fwd = forward.lower(params, noise).compile()
+  compiled_fwd = prog["forward"].lower(params, noise).compile()
   compile_fwd = time.perf_counter() - start
   start = time.perf_counter()
-  compiled_step = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
+  compiled_step = prog["step"].lower(params, prog["opt_state"]).compile()
   compile_step = time.perf_counter() - start
   fwd_s = median_seconds(lambda: compiled_fwd(params, noise).block_until_ready(), repeats)
-  state = [params, opt_state]
+  state = [params, prog["opt_state"]]
 
   def one_step():
     state[0], state[1], loss = compiled_step(*state)
     loss.block_until_ready()
 
   step_s = median_seconds(one_step, repeats)
-  fwd_flop, step_flop = flops_of(compiled_fwd), flops_of(compiled_step)
   memory = compiled_step.memory_analysis()
-  return {
+  result = {
       "train_step_temp_mib": memory.temp_size_in_bytes / 2 ** 20 if memory else float("nan"),
       "variant": variant, "dtype": dtype, "conv_impl": config.model.conv_impl,
       "fused_norm": config.model.fused_norm, "time_conv_impl": config.model.time_conv_impl,
       "compile_forward_s": compile_fwd, "compile_train_step_s": compile_step,
       "forward_s": fwd_s, "train_step_s": step_s,
       "forward_gflop": fwd_flop / 1e9, "train_step_gflop": step_flop / 1e9,
+      "compiled_forward_gflop": flops_of(compiled_fwd) / 1e9,
+      "compiled_train_step_gflop": flops_of(compiled_step) / 1e9,
       "forward_gflops": fwd_flop / fwd_s / 1e9, "train_step_gflops": step_flop / step_s / 1e9,
       "forward_peak_fraction": fwd_flop / fwd_s / 1e9 / peak,
       "train_step_peak_fraction": step_flop / step_s / 1e9 / peak,
-      "images_per_s": b / fwd_s, "batch": b, "K": k,
-      "params": models.count_params(params),
+      "images_per_s": b / fwd_s, "batch": b, "K": prog["K"],
+      "params": models.count_params(state[0]),
+      "train_step_args_mib": memory.argument_size_in_bytes / 2 ** 20 if memory else float("nan"),
+      "train_step_peak_mib": peak_mib(memory),
   }
+  if keep_step:
+    result["_step"] = (compiled_step, state)
+  return result
 
 
-def teacher_ddim_speed(dtype: str, variant: str, nfes, repeats: int) -> list:
-  """Images/s of the bench teacher UNet sampling with DDIM at each NFE (batch as DSNO's)."""
-  config = bench_config(dtype, variant)
+def peak_mib(memory) -> float:
+  """XLA's peak estimate of a compiled step: arguments + outputs + temporaries - aliased."""
+  if memory is None:
+    return float("nan")
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+          memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2 ** 20
+
+
+def teacher_ddim_speed(dtype: str, variant: str, nfes, repeats: int, config=None) -> list:
+  """Images/s of the teacher UNet sampling with DDIM at each NFE (batch as DSNO's)."""
+  config = bench_config(dtype, variant, config)
   model = models.teacher_from_config(config)
   b, s, c = config.train.batch_size, config.data.image_size, config.data.channels
   params = random_params(models.param_shapes(models.init_teacher, config), 2)
@@ -210,7 +266,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--variants", default="plain,shifted_conv,fused_norm,optimised,"
+                      "optimised+remat")
   parser.add_argument("--nfes", default="8,16,64", help="teacher DDIM NFEs ('' to skip)")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
