@@ -5,7 +5,8 @@
 Part 1 splits a 32x32, 64->64, batch-32 convolution (2.4 GFLOP each way) into forward, input
 gradient and kernel gradient, XLA's and ours (dsno_jax/models/conv.py). Part 2 sweeps shapes
 for forward+backward with each algorithm: the data behind conv_impl="auto"'s size rule.
-Prints tables; writes conv.json.
+Prints tables; writes conv.json. XLA runs with dsno_jax.xla_flags' CPU flags (YNNPACK dots,
+which make XLA's kernel gradient fast) unless DSNO_NO_CPU_XLA_FLAGS=1.
 """
 import argparse
 import json
@@ -20,7 +21,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dsno_jax import xla_flags  # noqa: E402
 from dsno_jax.models import conv  # noqa: E402
+
+xla_flags.add_cpu_flags()  # as dsno_jax.main runs; DSNO_NO_CPU_XLA_FLAGS=1 for XLA's defaults
 
 SWEEP = [(256, 8, 32), (256, 8, 64), (32, 16, 128), (64, 16, 64), (8, 32, 64), (32, 32, 64),
          (16, 64, 32)]  # (batch, pixels square, channels in = out)

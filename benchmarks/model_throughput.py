@@ -3,19 +3,22 @@
 Measured in one process, one after another (CPU timings drift; only ratios within a run mean
 much):
   1. the machine's float32 matmul peak (2048^3, XLA and numpy);
-  2. for each model variant, cumulative (plain: XLA's convolution gradients, nn.GroupNorm-style
-     norms, FFT TimeConv; + shifted_conv: our kernel gradient, models/conv.py; + fused_norm:
-     models/norm.py; optimised: + the DFT-matmul TimeConv, models/time_conv.py; + remat: nn.remat
-     on every block, trading compute for activation memory), the compile times, the one-step forward and the train step (forward, backward, Adam), XLA's
-     FLOP count of each, the achieved GFLOP/s and its fraction of the matmul peak, and the
-     train step's temporary memory (XLA's memory analysis: activations and workspace);
+  2. for each model variant (VARIANTS: plain = XLA's convolution gradients, nn.GroupNorm-style
+     norms, FFT TimeConv; each fast path alone: shifted kernel gradient, models/conv.py; fused
+     GroupNorm+FiLM+swish, models/norm.py; DFT-matmul TimeConv, models/time_conv.py; and their
+     combinations, with or without nn.remat on every block), the compile times, the one-step
+     forward and the train step (forward, backward, Adam), XLA's FLOP count of each (lowered
+     program), the achieved GFLOP/s and its fraction of the matmul peak, and the train step's
+     temporary memory (XLA's memory analysis: activations and workspace);
   3. sampling: one-step DSNO images/s against the bench teacher UNet with DDIM at 8, 16, 64
-     NFE (the same backbone, random weights), as a ratio;
+     NFE (the same backbone, random weights, the variant with the fastest forward), as a ratio;
   4. the PyTorch reference of the same network (benchmarks/torch_reference.py), in a
      subprocess after JAX is done, unless --no-torch.
 
   python benchmarks/model_throughput.py [--dtype float32|bfloat16] [--repeats 5]
-      [--variants plain,shifted_conv,fused_norm,optimised,optimised+remat] [--nfes 8,16,64] [--no-torch] [--out DIR]
+      [--variants plain,fused_norm+dft,...] [--nfes 8,16,64] [--no-torch] [--out DIR]
+XLA runs with dsno_jax.xla_flags' CPU flags, as `python -m dsno_jax.main` does;
+DSNO_NO_CPU_XLA_FLAGS=1 measures XLA's default CPU code instead.
 """
 import argparse
 import json
@@ -35,7 +38,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import bench  # noqa: E402
-from dsno_jax import diffusion, models, ode  # noqa: E402
+from dsno_jax import diffusion, models, ode, xla_flags  # noqa: E402
+
+xla_flags.add_cpu_flags()  # as dsno_jax.main runs (DSNO_NO_CPU_XLA_FLAGS=1: XLA's defaults)
 
 VARIANTS = {  # name -> (conv_impl, fused_norm, time_conv_impl, remat) of config.model
     "plain": ("xla", False, "fft", False),
@@ -47,6 +52,7 @@ VARIANTS = {  # name -> (conv_impl, fused_norm, time_conv_impl, remat) of config
     "shifted_conv_only": ("shifted", False, "fft", False),
     "fused_norm_only": ("xla", True, "fft", False),
     "dft_only": ("xla", False, "dft", False),
+    "fused_norm+dft": ("xla", True, "dft", False),  # what "auto" picks with YNNPACK dots
     "remat": ("xla", False, "fft", True),
 }
 
@@ -232,7 +238,7 @@ def print_tables(result: dict):
   peak, rows, ref = result["matmul_peak"], result["variants"], result.get("torch")
   print(f"\nmatmul peak (float32 2048^3): XLA {peak['xla_gflops']:.0f} GFLOP/s, numpy "
         f"{peak['numpy_gflops']:.0f} GFLOP/s; backend {result['backend']}, "
-        f"{result['devices']} device(s)\n")
+        f"{result['devices']} device(s); XLA_FLAGS={result['xla_flags']!r}\n")
   print("| variant | compile fwd s | compile step s | forward s | train step s | fwd GFLOP | "
         "step GFLOP | fwd GFLOP/s (% peak) | step GFLOP/s (% peak) | step temp MiB | "
         "vs torch fwd | vs torch step |")
@@ -266,8 +272,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--variants", default="plain,shifted_conv,fused_norm,optimised,"
-                      "optimised+remat")
+  parser.add_argument("--variants", default="plain,fused_norm_only,dft_only,fused_norm+dft,"
+                      "shifted_conv_only,optimised,optimised+remat")
   parser.add_argument("--nfes", default="8,16,64", help="teacher DDIM NFEs ('' to skip)")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -279,6 +285,7 @@ def main():
       parser.error(f"--variants: {v!r} is not one of {sorted(VARIANTS)}")
   peak = matmul_peak(args.repeats)
   result = {"backend": jax.default_backend(), "devices": jax.device_count(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "matmul_peak": peak, "variants": []}
   for v in variants:
     r = student_speed(args.dtype, v, args.repeats, peak["xla_gflops"])
@@ -286,8 +293,7 @@ def main():
     print(f"{v}: forward {r['forward_s']:.3f} s, train step {r['train_step_s']:.3f} s",
           flush=True)
   if args.nfes:
-    fastest = next((r for r in result["variants"] if r["variant"] == "optimised"),
-                   result["variants"][-1])
+    fastest = min(result["variants"], key=lambda r: r["forward_s"])
     best = fastest["variant"]
     nfes = [int(n) for n in args.nfes.split(",")]
     result["sampling"] = {

@@ -30,7 +30,8 @@ def worker(args):
   import importlib
   import jax
   import numpy as np
-  from dsno_jax import diffusion
+  from dsno_jax import diffusion, xla_flags
+  xla_flags.add_cpu_flags()  # as dsno_jax.main runs
   from dsno_jax.training import loop, perceptual, sharding
 
   config = importlib.import_module(f"configs.{args.config}").get_config()

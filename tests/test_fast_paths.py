@@ -57,11 +57,22 @@ def test_conv_module_matches_flax_conv_parameters_and_values():
                      value_and_grads(lambda p: flax_conv.apply(p, x), params))
 
 
-def test_auto_picks_shifted_on_cpu_only_for_large_images():
+def test_auto_picks_shifted_on_cpu_only_for_large_images_without_ynn_dots(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   assert jax.default_backend() == "cpu"
   assert conv.resolve_impl("auto", (32, 32)) == "shifted"
   assert conv.resolve_impl("auto", (16, 16)) == "xla"
   assert conv.resolve_impl("xla", (64, 64)) == "xla"
+
+
+@pytest.mark.parametrize("value", ["dot,reduce", "+dot", "dot"])
+def test_auto_keeps_xla_when_ynn_dots_are_on(monkeypatch, value):
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 "
+                     f"--xla_cpu_experimental_ynn_fusion_type={value}")
+  assert conv.resolve_impl("auto", (64, 64)) == "xla"
+  assert conv.resolve_impl("shifted", (64, 64)) == "shifted"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=reduce")
+  assert conv.resolve_impl("auto", (64, 64)) == "shifted"
 
 
 def test_unknown_conv_impl_is_refused():

@@ -9,12 +9,16 @@ tap: dK[i, j] = sum over pixels of x_shifted(i, j)^T g. For stride 1 the shifted
 contiguous row ranges of the zero-padded input flattened to (pixels, C) (the output gradient
 is laid out on the same padded grid), so each tap is a plain (C, P) @ (P, O) matmul.
 
+That holds for XLA's default CPU code. With YNNPACK dots enabled (the flag dsno_jax.main adds,
+dsno_jax/xla_flags.py) XLA's own kernel gradient is the faster one at every size measured.
+
 `impl`: "xla" (XLA's own gradient) | "shifted" | "auto": shifted on CPU for inputs of at least
-32x32 pixels, XLA's otherwise. Measured fwd+bwd (ms, XLA vs shifted, `python benchmarks/conv.py`,
-2-core CPU): 32x32x64 batch 32: 1059 vs 209; 64x64x32 batch 16: 294 vs 157; 32x32x64 batch 8:
-54 vs 35; but 16x16x128 batch 32: 147 vs 161 and 8x8x64 batch 256: 119 vs 167 (XLA's kernel
-gradient is only slow on large images). TPU and GPU compilers have fast native kernel
-gradients and keep them.
+32x32 pixels when YNNPACK dots are off, XLA's otherwise. Measured fwd+bwd (ms, XLA vs shifted,
+2-core CPU), XLA's default code / with YNNPACK dots: 32x32x64 batch 32: 1020 vs 234 / 104 vs
+183; 64x64x32 batch 16: 156 vs 154 / 58 vs 149; 32x32x64 batch 8: 63 vs 45 / 25 vs 35;
+16x16x128 batch 32: 120 vs 130 / 82 vs 138; 8x8x64 batch 256: 104 vs 150 / 61 vs 124.
+TPU and GPU compilers have fast native kernel gradients and keep them (on an H200 the shifted
+gradient made the step 28% slower: benchmarks/gpu.py).
 """
 import functools
 from typing import Any, Sequence, Tuple
@@ -23,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dsno_jax import xla_flags
 
 IMPLS = ("auto", "xla", "shifted")
 AUTO_MIN_PIXELS = 32  # "auto" uses "shifted" on CPU for inputs at least this many pixels square
@@ -37,7 +43,8 @@ def resolve_impl(impl: str, image_shape=None) -> str:
   if impl != "auto" or image_shape is None:
     return impl
   large = min(image_shape) >= AUTO_MIN_PIXELS
-  return "shifted" if jax.default_backend() == "cpu" and large else "xla"
+  slow_xla = jax.default_backend() == "cpu" and not xla_flags.ynn_dot_enabled()
+  return "shifted" if slow_xla and large else "xla"
 
 
 def _conv(x, kernel, strides, padding):
