@@ -22,6 +22,7 @@ lent GPU is held for minutes only), the JSON rewritten after every section:
 
   python benchmarks/gpu.py [--out DIR] [--budget-s 420] [--repeats 20]
       [--sections bench,student,remat,memory,variants] [--student-config cifar10]
+  python benchmarks/gpu.py --recount benchmarks/h200/gpu.json --out DIR   (FLOPs only, any host)
 The parameters are random and the loss is a mean squared error against random targets: the
 compute of the network, not of the paper's VGG loss.
 """
