@@ -6,7 +6,9 @@ in all; teacher 339 s (3.5 steps/s), classifier 6 s, trajectories 66 s (41 examp
 410 s (1.1 steps/s; 0.93 s per step in benchmarks/train_step.py --config digits), evaluation
 406 s (13 teacher rows of 800 samples, the adaptive dopri5 solve about 130 s of it).
 Result: DSNO FD-digits 2.58 at 1 NFE vs the teacher's 2.72 with DDIM-8 and 1.74 accurate;
-97.1% of DSNO's samples recognised as their class.
+97.1% of DSNO's samples recognised as their class. With dsno_jax/xla_flags.py's XLA:CPU flag
+(session 3): 16 min 22 s without the install (teacher 245 s, DSNO 320 s, evaluation 338 s),
+DSNO FD-digits 2.573.
 - 8x8 is the data's own resolution (16x16 would cost 4x per step for no new information).
 - ch 32 / emb 128 / ch_mult (1, 2) / one res block per level / attention at 4x4: 0.83M
   parameters; a second res block per level cost +50% on the DSNO step for little gain.
