@@ -89,14 +89,6 @@ def speed_row(label: str, config, dtype: str, variant: str, *, repeats: int, pea
   return row
 
 
-def set_rates(row: dict, peaks: dict):
-  """TFLOP/s and fraction of the matching matmul peak from the row's FLOPs and times."""
-  peak = 1e3 * peak_for(row["dtype"], peaks)
-  for what in ("forward", "train_step"):
-    row[f"{what}_gflops"] = row[f"{what}_gflop"] / row[f"{what}_s"]
-    row[f"{what}_peak_fraction"] = row[f"{what}_gflops"] / peak
-
-
 def recount(path: str, out: str) -> dict:
   """Recount the FLOPs of the rows of an earlier gpu.json by lowering each program here.
 
@@ -111,7 +103,7 @@ def recount(path: str, out: str) -> dict:
     fwd, step = mt.model_flops(mt.student_programs(config))
     row["forward_gflop"], row["train_step_gflop"] = fwd / 1e9, step / 1e9
     row["flops_recounted_on"] = jax.default_backend()
-    set_rates(row, result["peak_tflops"])
+    mt.set_rates(row, 1e3 * peak_for(row["dtype"], result["peak_tflops"]))
   with open(os.path.join(out, "gpu.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
   return result

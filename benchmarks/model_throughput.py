@@ -181,17 +181,22 @@ def student_speed(dtype: str, variant: str, repeats: int, peak: float, config=No
       "forward_gflop": fwd_flop / 1e9, "train_step_gflop": step_flop / 1e9,
       "compiled_forward_gflop": flops_of(compiled_fwd) / 1e9,
       "compiled_train_step_gflop": flops_of(compiled_step) / 1e9,
-      "forward_gflops": fwd_flop / fwd_s / 1e9, "train_step_gflops": step_flop / step_s / 1e9,
-      "forward_peak_fraction": fwd_flop / fwd_s / 1e9 / peak,
-      "train_step_peak_fraction": step_flop / step_s / 1e9 / peak,
       "images_per_s": b / fwd_s, "batch": b, "K": prog["K"],
       "params": models.count_params(state[0]),
       "train_step_args_mib": memory.argument_size_in_bytes / 2 ** 20 if memory else float("nan"),
       "train_step_peak_mib": peak_mib(memory),
   }
+  set_rates(result, peak)
   if keep_step:
     result["_step"] = (compiled_step, state)
   return result
+
+
+def set_rates(row: dict, peak_gflops: float):
+  """GFLOP/s of the row's forward and train step, and their fractions of `peak_gflops`."""
+  for what in ("forward", "train_step"):
+    row[f"{what}_gflops"] = row[f"{what}_gflop"] / row[f"{what}_s"]
+    row[f"{what}_peak_fraction"] = row[f"{what}_gflops"] / peak_gflops
 
 
 def peak_mib(memory) -> float:

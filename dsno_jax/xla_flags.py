@@ -9,6 +9,7 @@ versions they were verified with; the user's own setting of a flag wins, and
 DSNO_NO_CPU_XLA_FLAGS=1 turns the whole thing off.
 """
 import os
+import re
 from typing import List, MutableMapping, Optional
 
 from absl import logging
@@ -28,7 +29,7 @@ def add_cpu_flags(environ: Optional[MutableMapping[str, str]] = None,
     jaxlib_version = jaxlib.__version__
   if environ.get(OPT_OUT, "") not in ("", "0"):
     return []
-  if tuple(int(v) for v in jaxlib_version.split(".")[:2]) not in VERIFIED_JAXLIB:
+  if _major_minor(jaxlib_version) not in VERIFIED_JAXLIB:
     logging.info("jaxlib %s: XLA:CPU flags %s not added (verified with %s)", jaxlib_version,
                  CPU_FLAGS, VERIFIED_JAXLIB)
     return []
@@ -51,6 +52,12 @@ def ynn_dot_enabled(environ: Optional[MutableMapping[str, str]] = None) -> bool:
     if name == YNN_FUSION_TYPE:
       return any(t.lstrip("+") == "dot" for t in value.split(","))
   return False
+
+
+def _major_minor(version: str) -> Optional[tuple]:
+  """(major, minor) of a version string such as '0.10.2' or '0.10.2.dev20261101'; None if not."""
+  match = re.match(r"(\d+)\.(\d+)", version)
+  return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def _backends_started() -> bool:
