@@ -15,14 +15,20 @@ lent GPU is held for minutes only), the JSON rewritten after every section:
              summed by kernel and by kind of kernel);
   remat      the same student, float32, with nn.remat on every block: step time and memory;
   memory     compile only (nothing runs): XLA's memory plan of the `--memory-config` train step
-             (default configs/imagenet64.py) at `--student-batch` per device, float32, without
+             (default configs/imagenet64.py) at `--memory-batch` (32) per device, float32, without
              and with remat: what one accelerator needs for the paper's per-device batch;
   variants   the bench config at `--variants-batch` with each of the CPU fast paths alone,
              against plain XLA (on accelerators `auto` keeps XLA's ops; this checks that).
 
   python benchmarks/gpu.py [--out DIR] [--budget-s 420] [--repeats 20]
       [--sections bench,student,remat,memory,variants] [--student-config cifar10]
+      [--student-batch 32] [--student-variant plain] [--dtypes float32,bfloat16]
   python benchmarks/gpu.py --recount benchmarks/h200/gpu.json --out DIR   (FLOPs only, any host)
+On a CPU the student section profiles XLA:CPU's ops instead of kernels; where the bench train
+step's time goes on the CPU, with the fast paths `auto` picks there:
+  python benchmarks/gpu.py --sections student --student-config bench --student-batch 8
+      --student-variant fused_norm+dft --dtypes float32 --matmul-n 2048 --repeats 3
+      --profile-steps 1 --out benchmarks/results
 The parameters are random and the loss is a mean squared error against random targets: the
 compute of the network, not of the paper's VGG loss.
 """
@@ -51,6 +57,9 @@ import model_throughput as mt  # noqa: E402
 SECTIONS = ("bench", "student", "remat", "memory", "variants")
 # Kernel name fragments -> kind, first match wins (cuDNN/cuBLAS/CUTLASS and XLA's own names).
 KERNEL_KINDS = (
+    # XLA:CPU with YNNPACK fusions (dsno_jax/xla_flags.py): convolutions, dots and reductions
+    # run inside "ynn_fusion.N"; "transpose_copy_fusion.N" are layout changes.
+    ("YNNPACK fusion (convolution, matmul, reduction)", ("ynn_fusion",)),
     ("convolution", ("convolution", "convolve", "conv2d", "implicit", "dgrad", "wgrad", "fprop",
                      "cudnn", "winograd")),
     ("matmul", ("gemm", "cublas", "cutlass", "xmma", "gemv", "triton_gemm", "dot")),
@@ -156,6 +165,8 @@ def profile(compiled_step, state, steps: int, log_dir: str) -> dict:
 
 DERIVED_LINES = ("xla modules", "xla ops", "steps", "launch stats", "source code",
                  "tensorflow ops", "framework")
+# XLA:CPU events that wrap or wait for the ops (they would count the ops' time twice).
+CPU_WRAPPERS = ("ThunkExecutor::", "SlinkyThreadPool::", "end: ")
 
 
 def summarise_trace(path: str, steps: int) -> dict:
@@ -163,7 +174,8 @@ def summarise_trace(path: str, steps: int) -> dict:
 
   Kernels are the complete events on an accelerator's stream lines ('/device:GPU:0', thread
   'Stream #..'; the profiler's derived lines, XLA Modules/Ops and Steps, repeat them and are
-  left out); on a CPU-only trace, XLA's compute threads (tf_XLAEigen) stand in for them."""
+  left out); on a CPU-only trace, the ops on XLA's compute threads (tf_XLAEigen) stand in for
+  them, without the executor's wrapping and waiting events."""
   with gzip.open(path, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -176,10 +188,13 @@ def summarise_trace(path: str, steps: int) -> dict:
   tracks = {k for k, n in device.items() if "stream" in n.lower()}
   if not tracks:
     tracks = {k for k, n in device.items() if n.lower() not in DERIVED_LINES}
-  if not tracks:
+  cpu = not tracks
+  if cpu:
     tracks = {k for k, n in threads.items() if n.startswith("tf_XLAEigen")}
   by_kernel = defaultdict(float)
   for e in events:
+    if cpu and e.get("name", "").startswith(CPU_WRAPPERS):
+      continue
     if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in tracks:
       by_kernel[e.get("name", "?")] += float(e.get("dur", 0.0)) / 1e3  # us -> ms
   by_kind = defaultdict(float)
@@ -213,9 +228,8 @@ def jobs(args):
         dtype, "plain")))
   if args.nfes:
     out.append(("bench", "teacher DDIM sampling", None))  # filled in by run (needs the rows)
-  for dtype, variant, section in (("float32", "plain", "student"),
-                                  ("bfloat16", "plain", "student"),
-                                  ("float32", "remat", "remat")):
+  student = [(dtype, args.student_variant, "student") for dtype in args.dtypes.split(",")]
+  for dtype, variant, section in student + [("float32", "remat", "remat")]:
     label = f"{args.student_config} b{args.student_batch}"
     config = mt.bench_config(dtype, variant, student_config(args.student_config),
                              args.student_batch)
@@ -223,8 +237,8 @@ def jobs(args):
         speed_row, label, config, dtype, variant,
         keep_step=section == "student" and dtype == "float32" and args.profile_steps > 0)))
   for variant in ("plain", "remat"):
-    out.append(("memory", f"{args.memory_config} b{args.student_batch} {variant} memory plan",
-                functools.partial(memory_plan, args.memory_config, args.student_batch, variant)))
+    out.append(("memory", f"{args.memory_config} b{args.memory_batch} {variant} memory plan",
+                functools.partial(memory_plan, args.memory_config, args.memory_batch, variant)))
   for variant in ("plain", "shifted_conv_only", "fused_norm_only", "dft_only"):
     label = f"bench b{args.variants_batch}"
     out.append(("variants", f"{label} {variant}", functools.partial(
@@ -363,7 +377,12 @@ def main():
   parser.add_argument("--nfes", default="8,16,64")
   parser.add_argument("--student-config", default="cifar10")
   parser.add_argument("--student-batch", type=int, default=32)
+  parser.add_argument("--student-variant", default="plain", choices=sorted(mt.VARIANTS),
+                      help="model_throughput.VARIANTS; plain is what `auto` runs on GPU/TPU")
+  parser.add_argument("--dtypes", default="float32,bfloat16", help="of the student section")
   parser.add_argument("--memory-config", default="imagenet64")
+  parser.add_argument("--memory-batch", type=int, default=32,
+                      help="32: the paper's batch 256 on 8 devices")
   parser.add_argument("--variants-batch", type=int, default=128)
   parser.add_argument("--profile-steps", type=int, default=5)
   parser.add_argument("--recount", metavar="GPU_JSON",

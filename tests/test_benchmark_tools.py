@@ -1,18 +1,22 @@
-"""benchmarks/gpu.py's trace summary and FLOP count, on data made here (no accelerator needed)."""
+"""benchmarks/: gpu.py's trace summary and FLOP count, conv.py's Winograd candidate, on data
+made here (no accelerator needed)."""
 import gzip
 import json
 import os
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import conv as conv_bench  # noqa: E402
 import gpu  # noqa: E402
 import model_throughput as mt  # noqa: E402
 
 
-def write_trace(path, events):
-  meta = [
+def write_trace(path, events, meta=None):
+  meta = meta if meta is not None else [
       {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
       {"ph": "M", "pid": 1, "tid": 10, "name": "thread_name",
        "args": {"name": "Stream #14(Compute)"}},
@@ -48,6 +52,27 @@ def test_trace_summary_counts_stream_kernels_only(tmp_path):
   assert s["top_kernels_ms_per_step"][0] == ("sm90_xmma_wgrad_implicit_gemm_f32", 3.0)
 
 
+def test_cpu_trace_summary_counts_ops_not_their_wrappers(tmp_path):
+  path = str(tmp_path / "perfetto_trace.json.gz")
+  cpu = [{"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/host:CPU"}},
+         {"ph": "M", "pid": 3, "tid": 30, "name": "thread_name",
+          "args": {"name": "tf_XLAEigen/123"}}]
+  write_trace(path, meta=cpu, events=[
+      event(3, 30, "ThunkExecutor::Execute", 9000.0),    # wraps the ops below
+      event(3, 30, "ynn_fusion.7", 4000.0),
+      event(3, 30, "end: ynn_fusion.7", 1.0),
+      event(3, 30, "transpose_copy_fusion.3", 2000.0),
+      event(3, 30, "SlinkyThreadPool::Await", 500.0),
+      event(3, 30, "add_multiply_fusion", 1000.0),
+      event(2, 20, "PjitFunction(step)", 99000.0),       # the python thread
+  ])
+  s = gpu.summarise_trace(path, steps=1)
+  assert s["kernels"] == 3 and s["device_busy_ms_per_step"] == pytest.approx(7.0)
+  assert s["by_kind_ms_per_step"] == pytest.approx({
+      "YNNPACK fusion (convolution, matmul, reduction)": 4.0, "copy/transpose": 2.0,
+      "elementwise fusion": 1.0})
+
+
 def test_model_flops_match_the_compiled_count_and_grow_with_the_batch():
   """The lowered programs' FLOPs (what gpu.py reports on every backend) agree with the CPU's
   compiled count within 2%, and the step's FLOPs are affine in the batch."""
@@ -62,3 +87,21 @@ def test_model_flops_match_the_compiled_count_and_grow_with_the_batch():
   step = [flops[b][1] for b in (1, 2, 3)]
   assert step[1] - step[0] == pytest.approx(step[2] - step[1], rel=1e-3)
   assert step[1] > step[0] > 0 and flops[1][1] > 2 * flops[1][0]  # backward costs more
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 3, 4), (1, 8, 8, 4, 6), (3, 6, 9, 2, 2)])
+def test_winograd_candidate_equals_xla_convolution(shape):
+  """conv.py's Winograd F(2x2, 3x3) timings only mean something if it computes the same
+  convolution: outputs and both gradients within 1e-5 relative, odd sizes included."""
+  n, h, w, c, o = shape
+  rng = np.random.default_rng(0)
+  x = jax.numpy.asarray(rng.standard_normal((n, h, w, c)), jax.numpy.float32)
+  k = jax.numpy.asarray(rng.standard_normal((3, 3, c, o)), jax.numpy.float32)
+  g = jax.numpy.asarray(rng.standard_normal((n, h, w, o)), jax.numpy.float32)
+  xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ref, ref_vjp = jax.vjp(xla, x, k)
+  out, out_vjp = jax.vjp(conv_bench.winograd_conv, x, k)
+  for a, b in zip((out,) + out_vjp(g), (ref,) + ref_vjp(g)):
+    assert a.shape == b.shape
+    np.testing.assert_array_less(np.max(np.abs(a - b)) / np.max(np.abs(b)), 1e-5)
