@@ -15,8 +15,8 @@ lent GPU is held for minutes only), the JSON rewritten after every section:
              summed by kernel and by kind of kernel);
   remat      the same student, float32, with nn.remat on every block: step time and memory;
   memory     compile only (nothing runs): XLA's memory plan of the `--memory-config` train step
-             (default configs/imagenet64.py) at `--memory-batch` (32) per device, float32, without
-             and with remat: what one accelerator needs for the paper's per-device batch;
+             (default configs/imagenet64.py) at `--memory-batch` (32) per device, float32,
+             without and with remat: what one accelerator needs for the paper's per-device batch;
   variants   the bench config at `--variants-batch` with each of the CPU fast paths alone,
              against plain XLA (on accelerators `auto` keeps XLA's ops; this checks that).
 
@@ -382,7 +382,7 @@ def main():
   parser.add_argument("--dtypes", default="float32,bfloat16", help="of the student section")
   parser.add_argument("--memory-config", default="imagenet64")
   parser.add_argument("--memory-batch", type=int, default=32,
-                      help="32: the paper's batch 256 on 8 devices")
+                      help="32: the paper's per-device batch")
   parser.add_argument("--variants-batch", type=int, default=128)
   parser.add_argument("--profile-steps", type=int, default=5)
   parser.add_argument("--recount", metavar="GPU_JSON",
