@@ -392,6 +392,9 @@ def main():
   for s in args.sections:
     if s not in SECTIONS:
       parser.error(f"--sections: {s!r} is not one of {SECTIONS}")
+  for d in args.dtypes.split(","):
+    if d not in ("float32", "bfloat16"):
+      parser.error(f"--dtypes: {d!r} is not float32 or bfloat16")
   args.nfes = [int(n) for n in args.nfes.split(",")] if args.nfes else []
   os.makedirs(args.out, exist_ok=True)
   result = recount(args.recount, args.out) if args.recount else run(args)

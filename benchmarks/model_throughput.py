@@ -44,8 +44,7 @@ xla_flags.add_cpu_flags()  # as dsno_jax.main runs (DSNO_NO_CPU_XLA_FLAGS=1: XLA
 
 VARIANTS = {  # name -> (conv_impl, fused_norm, time_conv_impl, remat) of config.model
     "plain": ("xla", False, "fft", False),
-    "shifted_conv": ("shifted", False, "fft", False),
-    "fused_norm": ("shifted", True, "fft", False),
+    "fused_norm": ("shifted", True, "fft", False),  # session 2's cumulative "+ fused norm"
     "optimised": ("shifted", True, "dft", False),
     "optimised+remat": ("shifted", True, "dft", True),
     # Each fast path alone, and remat alone (for accelerators: benchmarks/gpu.py).

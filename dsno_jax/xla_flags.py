@@ -4,9 +4,9 @@ XLA reads XLA_FLAGS once, when JAX creates its first backend, so `add_cpu_flags(
 before the first computation (importing jax is fine). The flags only change XLA:CPU; GPU and TPU
 processes carry them harmlessly. They route matmuls and reductions through YNNPACK, which also
 makes XLA's convolution kernel gradient ten times faster on the 2-core CPU here (1020 -> 104
-ms forward+backward for 3x3, 32x32, 64->64 at batch 32; benchmarks/README.md). An unknown flag aborts XLA, so they are added only for the jaxlib
-versions they were verified with; the user's own setting of a flag wins, and
-DSNO_NO_CPU_XLA_FLAGS=1 turns the whole thing off.
+ms forward+backward for 3x3, 32x32, 64->64 at batch 32; benchmarks/README.md). An unknown flag
+aborts XLA, so they are added only for the jaxlib versions they were verified with; the
+user's own setting of a flag wins, and DSNO_NO_CPU_XLA_FLAGS=1 turns the whole thing off.
 """
 import os
 import re
@@ -47,7 +47,7 @@ def ynn_dot_enabled(environ: Optional[MutableMapping[str, str]] = None) -> bool:
   """Whether XLA_FLAGS routes XLA:CPU's dots through YNNPACK (which also makes XLA's own
   convolution kernel gradient fast: models/conv.py's "auto" rule reads this)."""
   environ = os.environ if environ is None else environ
-  for flag in environ.get("XLA_FLAGS", "").split():
+  for flag in reversed(environ.get("XLA_FLAGS", "").split()):  # the last setting counts
     name, _, value = flag.partition("=")
     if name == YNN_FUSION_TYPE:
       return any(t.lstrip("+") == "dot" for t in value.split(","))

@@ -32,3 +32,9 @@ def test_opt_out_and_unverified_jaxlib_leave_the_flags_alone():
     assert env == before
   env = {xla_flags.OPT_OUT: "0"}  # "0" does not opt out
   assert xla_flags.add_cpu_flags(env, "0.10.2") == [FLAG]
+
+
+def test_ynn_dots_follow_the_last_setting_of_the_flag():
+  assert xla_flags.ynn_dot_enabled({"XLA_FLAGS": f"{NAME}=reduce {NAME}=dot,reduce"})
+  assert not xla_flags.ynn_dot_enabled({"XLA_FLAGS": f"{NAME}=dot {NAME}=reduce"})
+  assert not xla_flags.ynn_dot_enabled({})
