@@ -1,16 +1,17 @@
-"""One 3x3 convolution: XLA's forward, input and kernel gradients, against ours and PyTorch's.
+"""One 3x3 convolution: XLA's forward and gradients against a candidate's and PyTorch's.
 
   python benchmarks/conv.py [--repeats 5] [--out benchmarks/results] [--no-torch]
 
 Part 1 splits a 32x32, 64->64, batch-32 convolution (2.4 GFLOP each way) into forward, input
-gradient and kernel gradient, XLA's and ours (dsno_jax/models/conv.py). Part 2 sweeps shapes
-for forward+backward with each algorithm: the data behind conv_impl="auto"'s size rule.
+gradient and kernel gradient, XLA's and the shifted candidate (benchmarks/candidates.py). Part 2
+sweeps shapes for forward+backward with each kernel gradient: where, if anywhere, the shifted
+one would pay (the models use XLA's, nn.Conv).
 Part 3 takes the four convolution shapes of the bench DSNO (batch 8 x K 4 frames = 32 images)
 and times each pass in XLA, in PyTorch (oneDNN, 2 threads, in a subprocess after JAX is done)
 and, for the forward and forward+backward, as a Winograd F(2x2, 3x3) convolution written in
 jnp (`winograd_conv`: 2.25x fewer multiplications, paid for in memory-bound transforms).
-Prints tables; writes conv.json. XLA runs with dsno_jax.xla_flags' CPU flags (YNNPACK dots,
-which make XLA's kernel gradient fast) unless DSNO_NO_CPU_XLA_FLAGS=1.
+Prints tables; writes conv.json. XLA runs with dsno_jax.backend's CPU flag (YNNPACK dots,
+which make XLA's kernel gradient fast; importing dsno_jax adds it) unless DSNO_NO_CPU_XLA_FLAGS=1.
 """
 import argparse
 import json
@@ -21,15 +22,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import dsno_jax  # noqa: E402,F401 -- before JAX starts: the XLA:CPU flag, as every run gets
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsno_jax import xla_flags  # noqa: E402
-from dsno_jax.models import conv  # noqa: E402
-
-xla_flags.add_cpu_flags()  # as dsno_jax.main runs; DSNO_NO_CPU_XLA_FLAGS=1 for XLA's defaults
+import candidates  # noqa: E402
 
 MODEL_SHAPES = [(32, 32, 64, 64), (32, 32, 128, 64), (32, 16, 128, 128),
                 (32, 8, 256, 256)]  # (batch, pixels square, C in, C out): the bench DSNO's 3x3s
@@ -116,7 +116,7 @@ def model_shapes(repeats: int, rng) -> list:
     x = jnp.asarray(rng.standard_normal((n, h, h, c)), jnp.float32)
     w = jnp.asarray(0.05 * rng.standard_normal((3, 3, c, o)), jnp.float32)
     g = jnp.asarray(rng.standard_normal((n, h, h, o)), jnp.float32)
-    xla = lambda x, w: conv.conv2d(x, w, impl="xla")
+    xla = lambda x, w: candidates.conv2d(x, w, impl="xla")
     vjp = lambda f: (lambda x, w, g: jax.vjp(f, x, w)[1](g))
     ref, wino = jax.jit(xla)(x, w), jax.jit(winograd_conv)(x, w)
     rows.append({
@@ -165,7 +165,7 @@ def main():
   x = jnp.asarray(rng.standard_normal((32, 32, 32, 64)), jnp.float32)
   w = jnp.asarray(0.05 * rng.standard_normal((3, 3, 64, 64)), jnp.float32)
   g = jnp.asarray(rng.standard_normal((32, 32, 32, 64)), jnp.float32)
-  xla = lambda x, w: conv.conv2d(x, w, impl="xla")
+  xla = lambda x, w: candidates.conv2d(x, w, impl="xla")
   pads = ((1, 1), (1, 1))
   parts = {
       "forward": ms(xla, x, w, repeats=args.repeats),
@@ -174,7 +174,7 @@ def main():
       "kernel gradient (XLA)": ms(lambda x, w, g: jax.vjp(xla, x, w)[1](g)[1], x, w, g,
                                   repeats=args.repeats),
       "kernel gradient (shifted)": ms(
-          lambda x, g: conv.kernel_gradient(x, g, (3, 3), (1, 1), pads), x, g,
+          lambda x, g: candidates.kernel_gradient(x, g, (3, 3), (1, 1), pads), x, g,
           repeats=args.repeats),
   }
   gflop = 2 * 32 * 32 * 32 * 64 * 64 * 9 / 1e9
@@ -187,17 +187,17 @@ def main():
     x = jnp.asarray(rng.standard_normal((n, h, h, c)), jnp.float32)
     w = jnp.asarray(0.1 * rng.standard_normal((3, 3, c, c)), jnp.float32)
     row = {"batch": n, "pixels": h, "channels": c}
-    for impl in ("xla", "shifted"):
-      grad = jax.grad(lambda x, w, impl=impl: jnp.sum(conv.conv2d(x, w, impl=impl) ** 2),
+    for impl in candidates.CONVS:
+      grad = jax.grad(lambda x, w, impl=impl: jnp.sum(candidates.conv2d(x, w, impl=impl) ** 2),
                       argnums=(0, 1))
       row[impl] = ms(grad, x, w, repeats=args.repeats)
-    row["auto"] = conv.resolve_impl("auto", (h, h))
+    row["faster"] = min(candidates.CONVS, key=lambda impl: row[impl])
     sweep.append(row)
-  print("\nforward+backward (ms)\n\n| batch | HxW | C | XLA | shifted | auto picks |\n"
+  print("\nforward+backward (ms)\n\n| batch | HxW | C | XLA | shifted | faster |\n"
         "|---|---|---|---|---|---|")
   for r in sweep:
     print(f"| {r['batch']} | {r['pixels']}x{r['pixels']} | {r['channels']} | {r['xla']:.1f} | "
-          f"{r['shifted']:.1f} | {r['auto']} |")
+          f"{r['shifted']:.1f} | {r['faster']} |")
   shapes = model_shapes(args.repeats, rng)
   torch_ms = None
   if not args.no_torch:

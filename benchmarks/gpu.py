@@ -18,14 +18,15 @@ lent GPU is held for minutes only), the JSON rewritten after every section:
              (default configs/imagenet64.py) at `--memory-batch` (32) per device, float32,
              without and with remat: what one accelerator needs for the paper's per-device batch;
   variants   the bench config at `--variants-batch` with each of the CPU fast paths alone,
-             against plain XLA (on accelerators `auto` keeps XLA's ops; this checks that).
+             against plain XLA (on accelerators the package keeps XLA's convolution and FFT
+             TimeConv: dsno_jax/backend.py; this checks that the CPU ones would not pay).
 
   python benchmarks/gpu.py [--out DIR] [--budget-s 420] [--repeats 20]
       [--sections bench,student,remat,memory,variants] [--student-config cifar10]
       [--student-batch 32] [--student-variant plain] [--dtypes float32,bfloat16]
   python benchmarks/gpu.py --recount benchmarks/h200/gpu.json --out DIR   (FLOPs only, any host)
 On a CPU the student section profiles XLA:CPU's ops instead of kernels; where the bench train
-step's time goes on the CPU, with the fast paths `auto` picks there:
+step's time goes on the CPU, with the formulations the package builds there:
   python benchmarks/gpu.py --sections student --student-config bench --student-batch 8
       --student-variant fused_norm+dft --dtypes float32 --matmul-n 2048 --repeats 3
       --profile-steps 1 --out benchmarks/results
@@ -57,7 +58,7 @@ import model_throughput as mt  # noqa: E402
 SECTIONS = ("bench", "student", "remat", "memory", "variants")
 # Kernel name fragments -> kind, first match wins (cuDNN/cuBLAS/CUTLASS and XLA's own names).
 KERNEL_KINDS = (
-    # XLA:CPU with YNNPACK fusions (dsno_jax/xla_flags.py): convolutions, dots and reductions
+    # XLA:CPU with YNNPACK fusions (dsno_jax/backend.py): convolutions, dots and reductions
     # run inside "ynn_fusion.N"; "transpose_copy_fusion.N" are layout changes.
     ("YNNPACK fusion (convolution, matmul, reduction)", ("ynn_fusion",)),
     ("convolution", ("convolution", "convolve", "conv2d", "implicit", "dgrad", "wgrad", "fprop",
@@ -109,7 +110,7 @@ def recount(path: str, out: str) -> dict:
     name = row.get("config") or row["label"].split()[0]
     base = None if name == "bench" else student_config(name)
     config = mt.bench_config(row["dtype"], row["variant"], base, row["batch"])
-    fwd, step = mt.model_flops(mt.student_programs(config))
+    fwd, step = mt.model_flops(mt.student_programs(config, row["variant"]))
     row["forward_gflop"], row["train_step_gflop"] = fwd / 1e9, step / 1e9
     row["flops_recounted_on"] = jax.default_backend()
     mt.set_rates(row, 1e3 * peak_for(row["dtype"], result["peak_tflops"]))
@@ -121,7 +122,7 @@ def recount(path: str, out: str) -> dict:
 def memory_plan(name: str, batch: int, variant: str, **_) -> dict:
   """XLA's memory plan of the float32 train step of configs/<name> at `batch`; nothing runs."""
   config = mt.bench_config("float32", variant, student_config(name), batch)
-  prog = mt.student_programs(config)
+  prog = mt.student_programs(config, variant)
   start = time.perf_counter()
   memory = prog["step"].lower(prog["params"], prog["opt_state"]).compile().memory_analysis()
   gib = lambda b: b / 2 ** 30
@@ -378,7 +379,8 @@ def main():
   parser.add_argument("--student-config", default="cifar10")
   parser.add_argument("--student-batch", type=int, default=32)
   parser.add_argument("--student-variant", default="plain", choices=sorted(mt.VARIANTS),
-                      help="model_throughput.VARIANTS; plain is what `auto` runs on GPU/TPU")
+                      help="model_throughput.VARIANTS; on GPU/TPU the package builds "
+                      "fused_norm_only (plain: flax-style norms, as the recorded H200 runs)")
   parser.add_argument("--dtypes", default="float32,bfloat16", help="of the student section")
   parser.add_argument("--memory-config", default="imagenet64")
   parser.add_argument("--memory-batch", type=int, default=32,

@@ -1,14 +1,14 @@
 """Per-device memory of the DSNO train step for the paper configs, with and without remat.
 
-For each config the real train step (dsno_jax.training.loop.jit_run: sharded state, donated,
+For each config the real train step (dsno_jax.training.step.jit_run: sharded state, donated,
 FSDP as the config says) is lowered on abstract inputs and compiled for `--devices` virtual
 CPU devices; nothing is allocated. Reported per device:
   - state: parameters, EMA and Adam moments, from jax.eval_shape and each array's shard shape;
   - XLA's memory analysis of the compiled step: arguments, outputs, temporaries (activations
     kept for the backward pass and workspace), and the peak estimate args + temps + outputs -
     aliased (donated) bytes.
-The model is compiled as accelerators run it (model.conv_impl="xla", time_conv_impl="fft": the
-CPU-only formulations trade memory for speed). XLA:CPU schedules differently from TPU/GPU
+The model is compiled as the package builds it for accelerators (model.time_conv_impl="fft",
+not the CPU's DFT matmuls). XLA:CPU schedules differently from TPU/GPU
 compilers, so the temporaries are an estimate of what an accelerator needs, not its exact
 figure; the state bytes are exact.
 
@@ -47,7 +47,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dsno_jax import diffusion, models  # noqa: E402
-from dsno_jax.training import loop, perceptual, sharding  # noqa: E402
+from dsno_jax import parallel  # noqa: E402
+from dsno_jax.training import objectives, perceptual, step  # noqa: E402  # noqa: E402
 
 GIB = 2.0 ** 30
 
@@ -63,19 +64,19 @@ def per_device_bytes(abstract, shardings) -> float:
 def measure(name: str, remat: bool, batch: int, scratch: str) -> dict:
   config = importlib.import_module(f"configs.{name}").get_config()
   config.model.remat = remat
-  config.model.conv_impl, config.model.time_conv_impl = "xla", "fft"  # as on TPU/GPU
+  config.model.time_conv_impl = "fft"  # as built on TPU/GPU (dsno_jax/backend.py)
   config.train.init_from_teacher = False
   if batch:
     config.train.batch_size = batch
   if config.train.loss in ("vgg", "lpips"):
     config.train.perceptual_weights = perceptual.write_random_weights(
         os.path.join(scratch, f"{config.train.loss}.npz"), config.train.loss)
-  mesh = sharding.make_mesh()
-  objective = loop.student_objective(config, diffusion.save_logsnrs(config))
-  run = loop.jit_run(config, objective, mesh)
+  mesh = parallel.make_mesh()
+  objective = objectives.student_objective(config, diffusion.save_logsnrs(config))
+  run = step.jit_run(config, objective, mesh)
   b, s, c = config.train.batch_size, config.data.image_size, config.data.channels
   k = len(config.trajectory.save_times)
-  spec = sharding.batch_sharding(mesh)
+  spec = parallel.batch_sharding(mesh)
   batch_shapes = {
       "noise": jax.ShapeDtypeStruct((b, s, s, c), np.float32, sharding=spec),
       "targets": jax.ShapeDtypeStruct((b, k, s, s, c), np.float32, sharding=spec),

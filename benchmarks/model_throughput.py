@@ -4,9 +4,11 @@ Measured in one process, one after another (CPU timings drift; only ratios withi
 much):
   1. the machine's float32 matmul peak (2048^3, XLA and numpy);
   2. for each model variant (VARIANTS: plain = XLA's convolution gradients, nn.GroupNorm-style
-     norms, FFT TimeConv; each fast path alone: shifted kernel gradient, models/conv.py; fused
-     GroupNorm+FiLM+swish, models/norm.py; DFT-matmul TimeConv, models/time_conv.py; and their
-     combinations, with or without nn.remat on every block), the compile times, the one-step
+     norms, FFT TimeConv; each fast path alone: the shifted kernel gradient and the plain norm
+     of benchmarks/candidates.py against the fused GroupNorm+FiLM+swish, models/norm.py, and
+     the DFT-matmul TimeConv, models/time_conv.py; and their combinations, with or without
+     nn.remat on every block; fused_norm+dft is what the package builds on a CPU), the
+     compile times, the one-step
      forward and the train step (forward, backward, Adam), XLA's FLOP count of each (lowered
      program), the achieved GFLOP/s and its fraction of the matmul peak, and the train step's
      temporary memory (XLA's memory analysis: activations and workspace);
@@ -17,10 +19,11 @@ much):
 
   python benchmarks/model_throughput.py [--dtype float32|bfloat16] [--repeats 5]
       [--variants plain,fused_norm+dft,...] [--nfes 8,16,64] [--no-torch] [--out DIR]
-XLA runs with dsno_jax.xla_flags' CPU flags, as `python -m dsno_jax.main` does;
+XLA runs with dsno_jax.backend's CPU flag, which importing dsno_jax adds;
 DSNO_NO_CPU_XLA_FLAGS=1 measures XLA's default CPU code instead.
 """
 import argparse
+import functools
 import json
 import os
 import resource
@@ -28,32 +31,47 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import dsno_jax  # noqa: E402,F401 -- before JAX starts: the XLA:CPU flag, as every run gets
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import candidates  # noqa: E402
 from configs import bench  # noqa: E402
-from dsno_jax import diffusion, models, ode, xla_flags  # noqa: E402
+from dsno_jax import diffusion, models, ode  # noqa: E402
 
-xla_flags.add_cpu_flags()  # as dsno_jax.main runs (DSNO_NO_CPU_XLA_FLAGS=1: XLA's defaults)
 
-VARIANTS = {  # name -> (conv_impl, fused_norm, time_conv_impl, remat) of config.model
-    "plain": ("xla", False, "fft", False),
-    "fused_norm": ("shifted", True, "fft", False),  # session 2's cumulative "+ fused norm"
-    "optimised": ("shifted", True, "dft", False),
-    "optimised+remat": ("shifted", True, "dft", True),
+class Variant(NamedTuple):
+  conv: str  # candidates.CONVS: "xla" (nn.Conv) | "shifted"
+  norm: str  # candidates.NORMS: "fused" (models/norm.py) | "plain"
+  time_conv: str  # config.model.time_conv_impl: "fft" | "dft"
+  remat: bool  # config.model.remat
+
+
+VARIANTS = {
+    "plain": Variant("xla", "plain", "fft", False),
+    "fused_norm": Variant("shifted", "fused", "fft", False),  # session 2's "+ fused norm"
+    "optimised": Variant("shifted", "fused", "dft", False),
+    "optimised+remat": Variant("shifted", "fused", "dft", True),
     # Each fast path alone, and remat alone (for accelerators: benchmarks/gpu.py).
-    "shifted_conv_only": ("shifted", False, "fft", False),
-    "fused_norm_only": ("xla", True, "fft", False),
-    "dft_only": ("xla", False, "dft", False),
-    "fused_norm+dft": ("xla", True, "dft", False),  # what "auto" picks with YNNPACK dots
-    "remat": ("xla", False, "fft", True),
+    "shifted_conv_only": Variant("shifted", "plain", "fft", False),
+    "fused_norm_only": Variant("xla", "fused", "fft", False),
+    "dft_only": Variant("xla", "plain", "dft", False),
+    "fused_norm+dft": Variant("xla", "fused", "dft", False),  # what the package builds on CPU
+    "remat": Variant("xla", "plain", "fft", True),
 }
+
+
+def formulations(variant: str):
+  """The context in which a model is traced to compute as `variant`'s conv and norm."""
+  return candidates.formulations(VARIANTS[variant].conv, VARIANTS[variant].norm)
 
 
 def random_params(shapes, seed):
@@ -94,19 +112,21 @@ def matmul_peak(repeats: int) -> dict:
 
 
 def bench_config(dtype: str, variant: str, config=None, batch: int = 0):
-  """`config` (default: the bench config) with the model dtype and the variant's fast paths."""
+  """`config` (default: the bench config) with the model dtype and the variant's TimeConv and
+  remat (its conv and norm are applied when the model is traced: `formulations`)."""
   config = bench.get_config() if config is None else config
-  config.model.dtype = dtype
-  m = config.model
-  m.conv_impl, m.fused_norm, m.time_conv_impl, m.remat = VARIANTS[variant]
+  model = config.model
+  model.dtype = dtype
+  model.time_conv_impl, model.remat = VARIANTS[variant].time_conv, VARIANTS[variant].remat
   if batch:
     config.train.batch_size = batch
   return config
 
 
-def student_programs(config) -> dict:
-  """The DSNO of `config` on random parameters and data: jitted forward and train step (MSE
-  to random targets, Adam; parameters and optimiser state donated) and their arguments."""
+def student_programs(config, variant: str) -> dict:
+  """The DSNO of `config` (from bench_config(..., variant, ...)) computed as `variant` on
+  random parameters and data: jitted forward and train step (MSE to random targets, Adam;
+  parameters and optimiser state donated) and their arguments."""
   model = models.student_from_config(config)
   b, s, c = config.train.batch_size, config.data.image_size, config.data.channels
   k = len(config.trajectory.save_times)
@@ -119,15 +139,19 @@ def student_programs(config) -> dict:
   y = jnp.asarray(rng.integers(0, classes, (b,)), jnp.int32) if classes > 1 else None
   opt = optax.adam(2e-4)
 
+  def forward(p, z):
+    with formulations(variant):
+      return model.apply({"params": p}, z, logsnr, y, train=False)
+
   def loss_fn(p):
-    return jnp.mean((model.apply({"params": p}, noise, logsnr, y, train=False) - targets) ** 2)
+    return jnp.mean((forward(p, noise) - targets) ** 2)
 
   def step(p, o):
     loss, g = jax.value_and_grad(loss_fn)(p)
     updates, o = opt.update(g, o, p)
     return optax.apply_updates(p, updates), o, loss
 
-  return {"forward": jax.jit(lambda p, z: model.apply({"params": p}, z, logsnr, y, train=False)),
+  return {"forward": jax.jit(forward),
           "step": jax.jit(step, donate_argnums=(0, 1)), "params": params,
           "opt_state": opt.init(params), "noise": noise, "batch": b, "K": k}
 
@@ -153,7 +177,7 @@ def student_speed(dtype: str, variant: str, repeats: int, peak: float, config=No
   With keep_step, the result also holds '_step': (compiled train step, [params, opt_state])
   for a caller that profiles it (not JSON-serialisable: pop it before dumping)."""
   config = bench_config(dtype, variant, config)
-  prog = student_programs(config)
+  prog = student_programs(config, variant)
   params, noise, b = prog["params"], prog["noise"], prog["batch"]
   fwd_flop, step_flop = model_flops(prog)
   start = time.perf_counter()
@@ -173,8 +197,7 @@ def student_speed(dtype: str, variant: str, repeats: int, peak: float, config=No
   memory = compiled_step.memory_analysis()
   result = {
       "train_step_temp_mib": memory.temp_size_in_bytes / 2 ** 20 if memory else float("nan"),
-      "variant": variant, "dtype": dtype, "conv_impl": config.model.conv_impl,
-      "fused_norm": config.model.fused_norm, "time_conv_impl": config.model.time_conv_impl,
+      "variant": variant, "dtype": dtype, **VARIANTS[variant]._asdict(),
       "compile_forward_s": compile_fwd, "compile_train_step_s": compile_step,
       "forward_s": fwd_s, "train_step_s": step_s,
       "forward_gflop": fwd_flop / 1e9, "train_step_gflop": step_flop / 1e9,
@@ -214,11 +237,15 @@ def teacher_ddim_speed(dtype: str, variant: str, nfes, repeats: int, config=None
   params = random_params(models.param_shapes(models.init_teacher, config), 2)
   z1 = jnp.asarray(np.random.default_rng(3).standard_normal((b, s, s, c)), jnp.float32)
   rows = []
+  def sample(p, z, nfe):
+    with formulations(variant):
+      return ode.trajectory(
+          diffusion.unet_denoiser(model, p, config.teacher.mean_type, config.teacher.clip_x),
+          z, (0.0,), solver="ddim", num_steps=nfe)
+
   for nfe in nfes:
-    sample = jax.jit(lambda p, z, nfe=nfe: ode.trajectory(
-        diffusion.unet_denoiser(model, p, config.teacher.mean_type, config.teacher.clip_x),
-        z, (0.0,), solver="ddim", num_steps=nfe))
-    compiled = sample.lower(params, z1).compile()
+    sample_nfe = jax.jit(functools.partial(sample, nfe=nfe))
+    compiled = sample_nfe.lower(params, z1).compile()
     seconds = median_seconds(lambda: compiled(params, z1).block_until_ready(),
                              max(1, repeats // 2))
     rows.append({"nfe": nfe, "seconds_per_batch": seconds, "images_per_s": b / seconds})

@@ -86,12 +86,12 @@ def nfe_to_reach(curve, target):
 
 
 def bench_config():
-  """The bench configuration of MEASUREMENTS.md: 32x32x3, ch 64, (1, 2, 2), attention at 16."""
+  """The bench configuration (configs/bench.py): 32x32x3, ch 64, (1, 2, 2), attention at 16."""
   config = base.get_config()
   config.data.image_size, config.data.channels, config.data.num_classes = 32, 3, 1
-  m = config.model
-  m.ch, m.emb_ch, m.ch_mult, m.num_res_blocks = 64, 256, (1, 2, 2), 2
-  m.attn_resolutions, m.num_heads = (16,), 1
+  model = config.model
+  model.ch, model.emb_ch, model.ch_mult, model.num_res_blocks = 64, 256, (1, 2, 2), 2
+  model.attn_resolutions, model.num_heads = (16,), 1
   return config
 
 

@@ -129,37 +129,39 @@ class Upsample(nn.Module):
 class DSNO(nn.Module):
   """noise (B, C, H, W), logsnr (K,) -> (B, K, C, H, W); unconditional, conv resampling."""
 
-  def __init__(self, m, image_size, channels):
+  def __init__(self, model, image_size, channels):
     super().__init__()
-    assert not m.resblock_resample and m.head_dim is None, "bench settings only"
-    self.ch, self.nrb, self.logsnr_input_type = m.ch, m.num_res_blocks, m.logsnr_input_type
-    block = lambda c_in, c_out: ResnetBlock(c_in, c_out, m.emb_ch)
-    self.dense0, self.dense1 = nn.Linear(m.ch, m.emb_ch), nn.Linear(m.emb_ch, m.emb_ch)
-    self.conv_in = conv3(channels, m.ch)
-    c, skip_chs, res = m.ch, [m.ch], image_size
+    assert not model.resblock_resample and model.head_dim is None, "bench settings only"
+    self.ch, self.nrb = model.ch, model.num_res_blocks
+    self.logsnr_input_type = model.logsnr_input_type
+    block = lambda c_in, c_out: ResnetBlock(c_in, c_out, model.emb_ch)
+    self.dense0 = nn.Linear(model.ch, model.emb_ch)
+    self.dense1 = nn.Linear(model.emb_ch, model.emb_ch)
+    self.conv_in = conv3(channels, model.ch)
+    c, skip_chs, res = model.ch, [model.ch], image_size
     self.down = nn.ModuleList()
-    for i, mult in enumerate(m.ch_mult):
+    for i, mult in enumerate(model.ch_mult):
       level = nn.ModuleDict()
-      for j in range(m.num_res_blocks):
-        level[f"block_{j}"], c = block(c, m.ch * mult), m.ch * mult
-        if res in m.attn_resolutions:
-          level[f"attn_{j}"] = AttnBlock(c, m.num_heads)
-        level[f"time_conv_{j}"] = TimeConv(c, m.num_modes)
+      for j in range(model.num_res_blocks):
+        level[f"block_{j}"], c = block(c, model.ch * mult), model.ch * mult
+        if res in model.attn_resolutions:
+          level[f"attn_{j}"] = AttnBlock(c, model.num_heads)
+        level[f"time_conv_{j}"] = TimeConv(c, model.num_modes)
         skip_chs.append(c)
-      if i != len(m.ch_mult) - 1:
+      if i != len(model.ch_mult) - 1:
         level["downsample"], res = Downsample(c), res // 2
         skip_chs.append(c)
       self.down.append(level)
-    self.mid = nn.ModuleDict(dict(block_1=block(c, c), attn_1=AttnBlock(c, m.num_heads),
-                                  time_conv=TimeConv(c, m.num_modes), block_2=block(c, c)))
+    self.mid = nn.ModuleDict(dict(block_1=block(c, c), attn_1=AttnBlock(c, model.num_heads),
+                                  time_conv=TimeConv(c, model.num_modes), block_2=block(c, c)))
     self.up = nn.ModuleList()
-    for i, mult in reversed(list(enumerate(m.ch_mult))):
+    for i, mult in reversed(list(enumerate(model.ch_mult))):
       level = nn.ModuleDict()
-      for j in range(m.num_res_blocks + 1):
-        level[f"block_{j}"], c = block(c + skip_chs.pop(), m.ch * mult), m.ch * mult
-        if res in m.attn_resolutions:
-          level[f"attn_{j}"] = AttnBlock(c, m.num_heads)
-        level[f"time_conv_{j}"] = TimeConv(c, m.num_modes)
+      for j in range(model.num_res_blocks + 1):
+        level[f"block_{j}"], c = block(c + skip_chs.pop(), model.ch * mult), model.ch * mult
+        if res in model.attn_resolutions:
+          level[f"attn_{j}"] = AttnBlock(c, model.num_heads)
+        level[f"time_conv_{j}"] = TimeConv(c, model.num_modes)
       if i != 0:
         level["upsample"], res = Upsample(c), res * 2
       self.up.append(level)  # self.up[0] is the lowest resolution

@@ -30,9 +30,10 @@ def worker(args):
   import importlib
   import jax
   import numpy as np
-  from dsno_jax import diffusion, xla_flags
-  xla_flags.add_cpu_flags()  # as dsno_jax.main runs
-  from dsno_jax.training import loop, perceptual, sharding
+  from dsno_jax import diffusion  # importing dsno_jax adds the XLA:CPU flag, as main runs
+  from dsno_jax import parallel
+  from dsno_jax.training import objectives, perceptual
+  from dsno_jax.training import step as step_lib
 
   config = importlib.import_module(f"configs.{args.config}").get_config()
   config.model.dtype = args.dtype
@@ -44,9 +45,9 @@ def worker(args):
         args.params_out + ".perceptual.npz", config.train.loss)
   b, s, c = config.train.batch_size, config.data.image_size, config.data.channels
   k = len(config.trajectory.save_times)
-  objective = loop.student_objective(config, diffusion.save_logsnrs(config))
-  mesh = sharding.make_mesh()
-  run = loop.jit_run(config, objective, mesh)
+  objective = objectives.student_objective(config, diffusion.save_logsnrs(config))
+  mesh = parallel.make_mesh()
+  run = step_lib.jit_run(config, objective, mesh)
   state = run.init_state(objective.fresh_params(jax.random.PRNGKey(0)))
   rng = np.random.default_rng(0)
   batch = sharding.global_batch({

@@ -1,4 +1,8 @@
-"""Variance-preserving diffusion in log-SNR: the cosine schedule, alpha/sigma, output types."""
+"""Variance-preserving diffusion in log-SNR: the cosine schedule, alpha/sigma, output types.
+
+The output parameterisations (x, eps, v, and `both`) are those of Progressive Distillation
+(Salimans & Ho, ICLR 2022, Section 4), whose teachers DSNO distils.
+"""
 from typing import Callable, Optional
 
 import jax
@@ -79,7 +83,8 @@ def x_from_output(output, z, logsnr, mean_type: str, clip_x: bool = False):
   """x-hat from a network output of `mean_type`; logsnr has z's leading dims.
 
   For `both` the output holds [x, eps] on the channel axis and the two estimates
-  are mixed with w = sigmoid(-logsnr) on the direct x.
+  are mixed with w = sigma^2 = sigmoid(-logsnr) on the direct x (Salimans & Ho 2022,
+  Section 4).
   """
   _check_mean_type(mean_type)
   if mean_type == "x":

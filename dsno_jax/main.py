@@ -2,11 +2,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsno_jax import xla_flags
-
-xla_flags.add_cpu_flags()  # before JAX's first computation; see xla_flags.py
-
-from dsno_jax import modes  # noqa: E402
+from dsno_jax import modes  # importing dsno_jax adds the XLA:CPU flag (dsno_jax/backend.py)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",

@@ -1,34 +1,58 @@
-"""One small function per mode, each `mode(config, workdir)`; `pipeline` runs them in order.
+"""One small function per mode, each `mode(config, workdir)`; `pipeline` runs the stages in order.
 
 Imports are inside the functions so that a mode loads only what it needs.
 """
+import json
+import os
+import time
+from typing import Callable, List, Optional, Tuple
+
+from absl import logging
+
+from dsno_jax.workdir import Workdir
 
 
-def train_teacher(config, workdir: str):
-  """Trains the teacher UNet on the config's image data; exports it to WORKDIR/teacher."""
-  from dsno_jax.training import loop
-  return loop.train_teacher(config, workdir)
+def train_teacher(config, workdir: str) -> Optional[str]:
+  """Trains the teacher UNet on the config's images; exports its EMA to WORKDIR/teacher.
+
+  Returns the export's path, or None when preempted before the last step.
+  """
+  from dsno_jax import export as export_lib
+  from dsno_jax.training import runs
+  result = runs.train_teacher(config, workdir)
+  if result.preempted:
+    return None
+  return export_lib.export_teacher(config, workdir, result.state.ema_params)
 
 
-def generate(config, workdir: str):
+def classifier(config, workdir: str):
+  """Trains the digits classifier behind FD-digits (WORKDIR/classifier); other data need none."""
+  if config.data.name != "digits":
+    logging.info("classifier: only the digits use one (data.name=%r)", config.data.name)
+    return None
+  from dsno_jax.evaluation import classifier as classifier_lib
+  return classifier_lib.ensure_classifier(config, workdir)
+
+
+def generate(config, workdir: str) -> str:
   """Solves the teacher's PF-ODE from seeded noise; writes the trajectory dataset."""
-  from dsno_jax.data import generate as generate_lib
+  from dsno_jax.teachers import generate as generate_lib
   return generate_lib.generate(config, workdir)
 
 
 def train(config, workdir: str):
   """Trains the DSNO student on the trajectory dataset."""
-  from dsno_jax.training import loop
-  return loop.train_student(config, workdir)
+  from dsno_jax.training import runs
+  return runs.train_student(config, workdir)
 
 
-def export(config, workdir: str):
+def export(config, workdir: str) -> str:
   """Writes the EMA student and its config to WORKDIR/export."""
-  from dsno_jax.training import checkpoints
-  return checkpoints.export_student(config, workdir)
+  from dsno_jax import export as export_lib
+  return export_lib.export_student(config, workdir)
 
 
-def sample(config, workdir: str):
+def sample(config, workdir: str) -> str:
   """Draws one-step samples from WORKDIR/export; writes .npz and PNGs."""
   from dsno_jax.evaluation import sampling
   return sampling.sample(config, workdir)
@@ -40,14 +64,55 @@ def evaluate(config, workdir: str):
   return evaluate_lib.evaluate(config, workdir)
 
 
+def _latest_step(directory: str) -> int:
+  if not os.path.isdir(directory):
+    return -1
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  return -1 if step is None else int(step)
+
+
+def stages(config, workdir: str) -> List[Tuple[str, Callable[[], bool], Callable]]:
+  """(name, is_done(), run()) of every pipeline stage, in order; each is also a mode."""
+  from dsno_jax.data import trajectories
+  run_dir = Workdir(workdir)
+  needs_teacher = not config.teacher.checkpoint and config.teacher.kind == "unet"
+  done = {
+      train_teacher: lambda: not needs_teacher or os.path.isdir(run_dir.teacher_export),
+      classifier: lambda: config.data.name != "digits" or os.path.isdir(run_dir.classifier),
+      generate: lambda: trajectories.is_complete(run_dir.trajectories(config)),
+      train: lambda: _latest_step(run_dir.checkpoints("student")) >= config.train.num_steps,
+      export: lambda: os.path.isdir(run_dir.student_export),
+      sample: lambda: os.path.isfile(run_dir.samples_npz),
+      evaluate: lambda: os.path.isfile(run_dir.results),
+  }
+  return [(mode.__name__, is_done, lambda mode=mode: mode(config, run_dir.root))
+          for mode, is_done in done.items()]
+
+
 def pipeline(config, workdir: str):
-  """Every stage in order, skipping the finished ones and resuming a partial one."""
-  from dsno_jax import pipeline as pipeline_lib
-  return pipeline_lib.pipeline(config, workdir)
+  """Every stage in order, skipping finished ones; once one runs, every later one runs too."""
+  timings, upstream_ran = [], False
+  for name, is_done, run in stages(config, workdir):
+    if not upstream_ran and is_done():
+      logging.info("pipeline: %s is done, skipping", name)
+      timings.append((name, "skipped"))
+      continue
+    logging.info("pipeline: running %s", name)
+    start = time.time()
+    run()
+    timings.append((name, f"{time.time() - start:.0f} s"))
+    upstream_ran = True
+  summary = "\n".join(f"  {name:<14} {t}" for name, t in timings)
+  print(f"pipeline stages:\n{summary}")
+  with open(Workdir(workdir).results) as f:
+    return json.load(f)
 
 
-MODES = {f.__name__: f for f in (train_teacher, generate, train, export, sample, evaluate,
-                                 pipeline)}
+MODES = {f.__name__: f for f in (train_teacher, classifier, generate, train, export, sample,
+                                 evaluate, pipeline)}
 
 
 def run(mode: str, config, workdir: str):

@@ -68,7 +68,8 @@ def _coefficients(logsnr_from, logsnr_to, dtype):
 
 class DDIM(diffrax.AbstractSolver):
   """The DDIM step from lam_t to lam_u: x = D(z_t), eps = (z_t - alpha_t x)/sigma_t,
-  z_u = alpha_u x + sigma_u eps (the exact first-order exponential integrator)."""
+  z_u = alpha_u x + sigma_u eps (the exact first-order exponential integrator in data
+  prediction: DPM-Solver++(1), Lu et al. 2022, Section 4)."""
   term_structure: ClassVar = PFODETerm
   interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
 
@@ -125,19 +126,19 @@ def _history_weights(logsnr_nodes, logsnr_from, logsnr_to):
 
 
 class MultistepDPM(diffrax.AbstractSolver):
-  """DPM-Solver++-style multistep exponential integrator in data prediction (2M or 3M).
+  """DPM-Solver++-style multistep exponential integrator in data prediction (2M or 3M; the
+  multistep DPM-Solver++ of Lu et al. 2022, Section 4, with another interpolant).
 
   z_u = (sigma_u/sigma_t) z_t + alpha_u int_0^h exp(-(h - tau)) P(tau) dtau, with tau half
   the log-SNR past the step start and P the polynomial through the current x-hat and the
-  previous one or two (kept in the solver state). Unlike DPM-Solver, which takes P linear in
-  log-SNR, P is a polynomial in v = phi^2, the squared VP angle phi = arctan(sigma/alpha):
+  previous one or two (kept in the solver state). Unlike DPM-Solver++, which takes P linear
+  in log-SNR, P is a polynomial in v = phi^2, the squared VP angle phi = arctan(sigma/alpha):
   x-hat is smooth in phi at the noise end and even in sigma/alpha at the data end, where a
-  log-SNR line overshoots across the long final steps of a uniform-t grid. On the digits
-  mixture 2M then gives 5.7e-4 at 64 NFE on uniform t, where DPM-Solver++(2M) gives 1.7e-3
-  (MEASUREMENTS.md), and no lower-order final step is needed. The weights are exact
-  integrals of that basis (16-node Gauss-Legendre in tau). The first steps use the orders
-  available (the first is DDIM). Needs a fixed grid (diffrax.StepTo): the history sits at
-  the previous step starts.
+  log-SNR line overshoots across the long final steps of a uniform-t grid, so no
+  lower-order final step is needed (the comparison with DPM-Solver++(2M):
+  benchmarks/README.md, "dsno_jax/ode.py"). The weights are exact integrals of that basis
+  (16-node Gauss-Legendre in tau). The first steps use the orders available (the first is
+  DDIM). Needs a fixed grid (diffrax.StepTo): the history sits at the previous step starts.
   """
   history: int = eqx.field(static=True, default=2)  # x-hats used: 2 (2M) or 3 (3M)
   term_structure: ClassVar = PFODETerm

@@ -1,4 +1,4 @@
-"""Test set-up, before JAX starts: 8 virtual CPU devices, the XLA:CPU flags of dsno_jax.main."""
+"""Test set-up, before JAX starts: 8 virtual CPU devices, then dsno_jax's XLA:CPU flag."""
 import os
 import sys
 
@@ -9,6 +9,4 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from dsno_jax import xla_flags  # noqa: E402
-
-xla_flags.add_cpu_flags()  # test what `python -m dsno_jax.main` runs
+import dsno_jax  # noqa: E402,F401 -- adds the XLA:CPU flag, as every user of the package gets

@@ -1,15 +1,23 @@
-"""benchmarks/: gpu.py's trace summary and FLOP count, conv.py's Winograd candidate, on data
-made here (no accelerator needed)."""
+"""benchmarks/: gpu.py's trace summary and FLOP count, the candidate formulations (conv.py's
+Winograd, candidates.py's shifted kernel gradient and plain norms), on data made here (no
+accelerator needed)."""
 import gzip
 import json
 import os
 import sys
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import tiny
+from dsno_jax import diffusion, models
+from param_utils import assert_trees_close, random_params
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import candidates  # noqa: E402
 import conv as conv_bench  # noqa: E402
 import gpu  # noqa: E402
 import model_throughput as mt  # noqa: E402
@@ -79,9 +87,10 @@ def test_model_flops_match_the_compiled_count_and_grow_with_the_batch():
   flops = {}
   for batch in (1, 2, 3):
     prog = mt.student_programs(mt.bench_config("float32", "plain", gpu.student_config("tiny"),
-                                               batch))
+                                               batch), "plain")
     flops[batch] = mt.model_flops(prog)
-  prog = mt.student_programs(mt.bench_config("float32", "plain", gpu.student_config("tiny"), 2))
+  prog = mt.student_programs(mt.bench_config("float32", "plain", gpu.student_config("tiny"), 2),
+                             "plain")
   compiled = mt.flops_of(prog["forward"].lower(prog["params"], prog["noise"]).compile())
   assert flops[2][0] == pytest.approx(compiled, rel=0.02)
   step = [flops[b][1] for b in (1, 2, 3)]
@@ -105,3 +114,62 @@ def test_winograd_candidate_equals_xla_convolution(shape):
   for a, b in zip((out,) + out_vjp(g), (ref,) + ref_vjp(g)):
     assert a.shape == b.shape
     np.testing.assert_array_less(np.max(np.abs(a - b)) / np.max(np.abs(b)), 1e-5)
+
+
+def value_and_grads(fn, *args):
+  """fn's output and the gradient of sum(sin(output)) with respect to every argument."""
+  out = jax.jit(fn)(*args)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(len(args)))))(
+      *args)
+  return out, grads
+
+
+@pytest.mark.parametrize("shape,features,kernel,strides,padding", [
+    ((2, 8, 8, 3), 5, (3, 3), (1, 1), "SAME"),
+    ((3, 9, 7, 4), 6, (3, 3), (1, 1), "SAME"),
+    ((2, 8, 8, 4), 4, (3, 3), (2, 2), "SAME"),
+    ((2, 9, 9, 2), 3, (3, 3), (2, 2), "SAME"),
+    ((1, 6, 6, 2), 3, (1, 1), (1, 1), "VALID"),
+    ((2, 7, 5, 3), 2, (3, 2), (1, 1), ((2, 0), (1, 1))),
+])
+def test_shifted_kernel_gradient_equals_xla(shape, features, kernel, strides, padding):
+  """candidates.py's shifted kernel gradient computes XLA's (so its timings compare like with
+  like), strides, odd sizes and explicit padding included."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  w = jnp.asarray(0.3 * rng.standard_normal(kernel + (shape[-1], features)), jnp.float32)
+  plain = lambda x, w: candidates.conv2d(x, w, strides, padding, impl="xla")
+  fast = lambda x, w: candidates.conv2d(x, w, strides, padding, impl="shifted")
+  out_plain, grads_plain = value_and_grads(plain, x, w)
+  out_fast, grads_fast = value_and_grads(fast, x, w)
+  assert_trees_close(out_fast, out_plain)
+  assert_trees_close(grads_fast, grads_plain)
+  assert float(jnp.abs(grads_plain[1]).max()) > 0
+
+
+def test_candidate_formulations_give_the_models_numbers():
+  """The benchmark variants time the same function: a student traced under
+  formulations("shifted", "plain") equals the one the package builds (TimeConvs zeroed, see
+  tests/test_fast_paths.py), and the shifted convolutions do run."""
+  config = tiny.get_config()
+  params = random_params(models.param_shapes(models.init_student, config), 3, 0.1)
+  params = flax.traverse_util.unflatten_dict({
+      path: (jnp.zeros_like(v) if models.build.is_time_conv_path(path) else v)
+      for path, v in flax.traverse_util.flatten_dict(params).items()})
+  rng = np.random.default_rng(4)
+  noise = jnp.asarray(rng.standard_normal((2, 8, 8, 1)), jnp.float32)
+  labels, logsnr = jnp.array([1, 2]), jnp.asarray(diffusion.save_logsnrs(config))
+  model = models.student_from_config(config)
+  apply = lambda p: model.apply({"params": p}, noise, logsnr, labels, train=False)
+
+  def candidate(p):
+    with candidates.formulations("shifted", "plain"):
+      return apply(p)
+
+  assert_trees_close(value_and_grads(candidate, params), value_and_grads(apply, params))
+  # the shifted kernel gradient is a custom VJP; the package's model has none
+  assert "custom_vjp_call" in str(jax.make_jaxpr(candidate)(params))
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(apply)(params))
+  with pytest.raises(ValueError, match="expected conv in"):
+    with candidates.formulations("winograd"):
+      pass

@@ -1,4 +1,4 @@
-"""SPEC 7: the digits classifier classifies well, and its features go through the FID metric."""
+"""The digits classifier classifies well, and its features go through the FID metric."""
 import jax
 import numpy as np
 import pytest

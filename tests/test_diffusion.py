@@ -1,4 +1,4 @@
-"""SPEC section 1: the cosine log-SNR schedule and the output parameterisations."""
+"""The cosine log-SNR schedule and the output parameterisations."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""SPEC 7 and 10: the FID clu metric, its merging across devices and hosts, reference statistics."""
+"""The FID clu metric, its merging across devices and hosts, reference statistics."""
 import os
 import socket
 import subprocess

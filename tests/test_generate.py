@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 
 from configs import tiny
 from dsno_jax import diffusion, ode, teachers
-from dsno_jax.data import generate, trajectories
+from dsno_jax.data import trajectories
+from dsno_jax.teachers import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small generation: 24 examples in 3 shards, batches of 8, 4 DDIM steps, exact teacher.
@@ -68,22 +69,24 @@ def test_reads_back_every_index_once_and_equals_a_direct_solve(generated):
   np.testing.assert_array_equal(data["noise"], noise)
   np.testing.assert_array_equal(data["label"], labels)
   mixture = teachers.digits_mixture(8)
-  g = config.trajectory
+  trajectory = config.trajectory
   solve = jax.jit(lambda z, y: ode.trajectory(
-      mixture.denoise, z, g.save_times, solver=g.solver, num_steps=g.num_steps, grid=g.grid,
+      mixture.denoise, z, trajectory.save_times, solver=trajectory.solver,
+      num_steps=trajectory.num_steps, grid=trajectory.grid,
       y=y))
   want = np.asarray(solve(jnp.asarray(noise), jnp.asarray(labels)))
   np.testing.assert_allclose(data["targets"], want, rtol=1e-5, atol=1e-5)
   assert np.abs(want[:, -1]).max() > 0.5  # a real trajectory, not zeros
 
   meta = trajectories.read_metadata(directory)
-  assert meta["save_times"] == list(g.save_times) and meta["num_steps"] == 4
+  assert meta["save_times"] == list(trajectory.save_times) and meta["num_steps"] == 4
   assert meta["solver"] == "ddim" and meta["grid"] == "uniform_t"
-  assert meta["nfe"] == ode.nfe("ddim", 4, "uniform_t", g.save_times)
+  assert meta["nfe"] == ode.nfe("ddim", 4, "uniform_t", trajectory.save_times)
   assert meta["teacher"] == "digits_mixture:image_size=8"
   assert meta["image_shape"] == [8, 8, 1] and meta["num_examples"] == n
   np.testing.assert_allclose(
-      meta["logsnrs"], diffusion.logsnr_schedule_cosine(np.asarray(g.save_times)), rtol=1e-5)
+      meta["logsnrs"], diffusion.logsnr_schedule_cosine(np.asarray(trajectory.save_times)),
+      rtol=1e-5)
 
 
 def test_eight_devices_equal_one(generated, tmp_path):

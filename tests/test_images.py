@@ -1,4 +1,4 @@
-"""SPEC section 6: the digits TFDS builder (offline), image folders, and batches fixed by (seed, step)."""
+"""The digits TFDS builder (offline), image folders, and batches fixed by (seed, step)."""
 import os
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from sklearn import datasets
 
 from configs import tiny
-from dsno_jax.data import digits, images
+from dsno_jax.data import batching, digits, images
 
 
 def config_for(name, data_dir="", image_size=8, channels=1, num_classes=10):
@@ -89,7 +89,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 def test_each_epoch_visits_every_example_once_and_flips_mirror():
   source = synthetic_source(10)
-  indices = np.concatenate([images.example_indices(s, 5, 10, seed=0) for s in range(4)])
+  indices = np.concatenate([batching.step_indices(s, num_examples=10, global_batch_size=5, seed=0) for s in range(4)])
   assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:]) == list(range(10))
   plain = take(images.batch_iterator(source, global_batch_size=5, seed=0, process_index=0,
                                      process_count=1), 3)

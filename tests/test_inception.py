@@ -1,4 +1,4 @@
-"""SPEC 7: the Flax FID Inception equals pytorch-fid's; the torch-free converter and its refusals."""
+"""The Flax FID Inception equals pytorch-fid's; the torch-free converter and its refusals."""
 import collections
 import os
 import pickle
@@ -8,7 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from dsno_jax.evaluation import convert_inception, inception, torch_weights
+from dsno_jax import convert
+from dsno_jax.evaluation import inception
+from dsno_jax.weights import torch_pickle
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -64,7 +66,7 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(reference):
   npz = str(reference["directory"] / "inception_fid.npz")
-  assert convert_inception.main(["--src", reference["pth"], "--dst", npz]) == 0
+  assert convert.main(["--kind", "inception", "--src", reference["pth"], "--dst", npz]) == 0
   return inception.load_params(npz)
 
 
@@ -96,14 +98,14 @@ def test_legacy_pth_format_converts_identically(reference, converted, tmp_path):
   legacy = str(tmp_path / "legacy.pth")
   torch.save(reference["state_dict"], legacy, _use_new_zipfile_serialization=False)
   assert not zipfile.is_zipfile(legacy)
-  params = convert_inception.flax_params_from_state_dict(torch_weights.load_state_dict(legacy))
+  params = inception.flax_params_from_state_dict(torch_pickle.load_state_dict(legacy))
   np.testing.assert_array_equal(params["Mixed_7c"]["branch_pool"]["conv"]["kernel"],
                                 converted["Mixed_7c"]["branch_pool"]["conv"]["kernel"])
   np.testing.assert_array_equal(params["Conv2d_1a_3x3"]["bn"]["var"],
                                 converted["Conv2d_1a_3x3"]["bn"]["var"])
 
 
-def test_torch_weights_reads_tensors_of_every_layout(tmp_path):
+def test_torch_pickle_reads_tensors_of_every_layout(tmp_path):
   state = collections.OrderedDict(
       weight=torch.randn(3, 4), transposed=torch.randn(4, 3).t(), sliced=torch.arange(10)[2:7],
       scalar=torch.tensor(2.5), half=torch.randn(5).half(), empty=torch.zeros(0, 2),
@@ -111,7 +113,7 @@ def test_torch_weights_reads_tensors_of_every_layout(tmp_path):
   for legacy in (False, True):
     path = str(tmp_path / f"state_{legacy}.pth")
     torch.save(state, path, _use_new_zipfile_serialization=not legacy)
-    loaded = torch_weights.load_state_dict(path)
+    loaded = torch_pickle.load_state_dict(path)
     assert list(loaded) == list(state)
     for name, tensor in state.items():
       assert loaded[name].dtype == tensor.numpy().dtype, name
@@ -122,23 +124,26 @@ def test_converter_rejects_another_network(reference, tmp_path, capsys):
   other = str(tmp_path / "linear.pth")
   torch.save(torch.nn.Linear(3, 4).state_dict(), other)
   with pytest.raises(ValueError, match="not pytorch-fid's FID Inception-v3 state dict"):
-    convert_inception.convert(other, str(tmp_path / "out.npz"))
-  assert convert_inception.main(["--src", other, "--dst", str(tmp_path / "out.npz")]) == 1
-  assert "unexpected entries (e.g. ['bias', 'weight'])" in capsys.readouterr().err
+    convert.convert("inception", other, str(tmp_path / "out.npz"))
+  assert convert.main(["--kind", "inception", "--src", other,
+                       "--dst", str(tmp_path / "out.npz")]) == 1
+  assert "unexpected: ['bias', 'weight']" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "out.npz")
 
   state = {k: v.numpy() for k, v in reference["state_dict"].items()}
   wrong_shape = dict(state, **{"Mixed_6b.branch7x7_2.conv.weight": np.zeros((128, 128, 7, 1))})
-  with pytest.raises(ValueError, match=r"Mixed_6b.branch7x7_2.conv.weight has shape"):
-    convert_inception.flax_params_from_state_dict(wrong_shape)
+  with pytest.raises(ValueError,
+                     match=r"wrongly shaped: \['Mixed_6b\.branch7x7_2\.conv\.weight: "
+                           r".*\(128, 128, 7, 1\)"):
+    inception.flax_params_from_state_dict(wrong_shape)
   # torchvision's own ImageNet Inception: same trunk, but a 1000-way head and aux logits.
   imagenet = dict(state, **{"fc.weight": np.zeros((1000, 2048)), "fc.bias": np.zeros(1000),
                             "AuxLogits.fc.weight": np.zeros((1000, 768))})
   with pytest.raises(ValueError, match="AuxLogits.fc.weight"):
-    convert_inception.flax_params_from_state_dict(imagenet)
+    inception.flax_params_from_state_dict(imagenet)
   missing = {k: v for k, v in state.items() if not k.startswith("Mixed_7c.")}
   with pytest.raises(ValueError, match="Mixed_7c"):
-    convert_inception.flax_params_from_state_dict(missing)
+    inception.flax_params_from_state_dict(missing)
 
 
 def test_pickle_with_a_forbidden_global_is_refused_unexecuted(tmp_path):
@@ -151,14 +156,14 @@ def test_pickle_with_a_forbidden_global_is_refused_unexecuted(tmp_path):
   with zipfile.ZipFile(archive, "w") as z:
     z.writestr("evil_zip/data.pkl", payload)
   for path in (legacy, archive):
-    with pytest.raises(torch_weights.ForbiddenGlobalError, match=r"global os\.system"):
-      torch_weights.load_pth(str(path))
+    with pytest.raises(torch_pickle.ForbiddenGlobalError, match=r"global os\.system"):
+      torch_pickle.load_pth(str(path))
   # A pickled nn.Module names torch classes and is refused the same way.
   module_pth = tmp_path / "module.pth"
   with open(module_pth, "wb") as f:
     pickle.dump(collections.OrderedDict(x=torch.nn.Identity()), f, protocol=2)
-  with pytest.raises(torch_weights.ForbiddenGlobalError, match="torch.nn.modules.linear.Identity"):
-    torch_weights.load_pth(str(module_pth))
+  with pytest.raises(torch_pickle.ForbiddenGlobalError, match="torch.nn.modules.linear.Identity"):
+    torch_pickle.load_pth(str(module_pth))
   assert not marker.exists()
 
 
@@ -167,10 +172,10 @@ def test_missing_weights_say_what_to_download(tmp_path):
     inception.load_params(str(tmp_path / "absent.npz"))
   message = str(info.value)
   for needed in ("pt_inception-2015-12-05-6726825d.pth", "github.com/mseitzer/pytorch-fid",
-                 "python -m dsno_jax.evaluation.convert_inception"):
+                 "python -m dsno_jax.convert --kind inception"):
     assert needed in message
   with pytest.raises(FileNotFoundError, match="absent.pth"):
-    torch_weights.load_pth(str(tmp_path / "absent.pth"))
+    torch_pickle.load_pth(str(tmp_path / "absent.pth"))
 
 
 def test_loader_rejects_an_npz_of_another_network(tmp_path):

@@ -1,4 +1,4 @@
-"""SPEC sections 2, 3, 10: the UNet and DSNO share one backbone; zeroed TimeConvs give the teacher."""
+"""The UNet and DSNO share one backbone; zeroed TimeConvs give the teacher; PD's parameter names."""
 import flax
 import jax
 import jax.numpy as jnp
@@ -127,7 +127,10 @@ def test_both_teacher_initialises_the_student_with_the_x_half():
   config = make_config(conditional=False, mean_type="both")
   tparams = teacher_params(config)
   assert tparams["conv_out"]["kernel"].shape[-1] == 2
-  sparams = models.student_params_from_teacher(tparams, student_params(config), "both")
+  fresh = student_params(config)
+  sparams = models.student_params_from_teacher(tparams, fresh, "both")
+  np.testing.assert_array_equal(sparams["mid.time_conv"]["weight_real"],
+                                fresh["mid.time_conv"]["weight_real"])  # TimeConvs kept
   np.testing.assert_array_equal(sparams["conv_out"]["kernel"], tparams["conv_out"]["kernel"][..., :1])
   np.testing.assert_array_equal(sparams["conv_out"]["bias"], tparams["conv_out"]["bias"][:1])
   np.testing.assert_array_equal(sparams["dense0"]["kernel"], tparams["dense0"]["kernel"])
@@ -137,8 +140,24 @@ def test_student_from_a_teacher_of_another_config_is_refused():
   small = teacher_params(make_config())
   config = make_config()
   config.model.ch = 64
-  with pytest.raises(ValueError, match=r"wrongly shaped: \['conv_in/bias: teacher \(32,\) vs student \(64,\)"):
+  with pytest.raises(ValueError, match=r"wrongly shaped: \['conv_in/bias: [^']*\(32,\), "
+                     r"expected \(64,\)'"):
     models.student_params_from_teacher(small, student_params(config), "x")
+
+
+def test_student_from_a_teacher_with_missing_or_extra_entries_is_refused():
+  """All or nothing: every missing and unexpected entry is named; TimeConvs are not missing."""
+  config = make_config()
+  teacher = flax.traverse_util.flatten_dict(teacher_params(config))
+  del teacher[("dense0", "bias")]
+  teacher[("extra", "kernel")] = np.zeros((2,), np.float32)
+  with pytest.raises(ValueError) as raised:
+    models.student_params_from_teacher(flax.traverse_util.unflatten_dict(teacher),
+                                       student_params(config), "x")
+  message = str(raised.value)
+  assert "missing: ['dense0/bias']" in message
+  assert "unexpected: ['extra/kernel']" in message
+  assert "wrongly shaped: []" in message and "time_conv" not in message
 
 
 def test_bfloat16_compute_is_finite_and_close(setup):

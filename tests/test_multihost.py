@@ -1,4 +1,4 @@
-"""SPEC section 8: two processes with 2 devices each (gloo on loopback) equal one process with 4."""
+"""Two processes with 2 devices each (gloo on loopback) equal one process with 4."""
 import os
 import subprocess
 
@@ -16,17 +16,17 @@ import sys
 import jax
 import numpy as np
 import training_helpers as helpers
-from dsno_jax.training import checkpoints, sharding
+from dsno_jax import parallel
 
 process_id, port, workdir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 config = helpers.student_config()
 d = config.distributed
 d.coordinator_address, d.num_processes, d.process_id = f"127.0.0.1:{port}", 2, process_id
-sharding.initialize_distributed(config)
+parallel.initialize_distributed(config)
 assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
 result = helpers.run_student(workdir, helpers.trajectory_pool(config), **RUN,
                              process_index=jax.process_index(), process_count=2)
-state = checkpoints.to_host(result.state, sharding.make_mesh())
+state = parallel.to_host(result.state, parallel.make_mesh())
 if jax.process_index() == 0:
   np.savez(out, *jax.tree_util.tree_leaves((state.params, state.ema_params)))
 """

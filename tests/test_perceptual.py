@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 lpips = pytest.importorskip("lpips")
 
-from dsno_jax import convert_perceptual  # noqa: E402
-from dsno_jax.evaluation import torch_weights  # noqa: E402
+from dsno_jax import convert  # noqa: E402
 from dsno_jax.models import vgg  # noqa: E402
 from dsno_jax.training import losses, perceptual  # noqa: E402
+from dsno_jax.weights import torch_pickle  # noqa: E402
 
 SIZE = 32  # > 16, the least size at which relu5_3 (after 4 max-pools) still has a pixel
 TOLERANCE = 1e-5  # relative; the two agree to about 1e-7
@@ -44,7 +44,7 @@ def files(lpips_model, tmp_path_factory):
               if k.startswith("net.")}, paths["vgg16"])
   paths["heads"] = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
   paths["lpips_npz"] = str(root / "lpips_vgg.npz")
-  convert_perceptual.convert("lpips", paths["whole"], paths["lpips_npz"])
+  convert.convert("lpips", paths["whole"], paths["lpips_npz"])
   return paths
 
 
@@ -106,11 +106,10 @@ def test_gradients_are_finite(jax_outputs):
 
 def test_heads_file_plus_torchvision_trunk_converts_the_same(files, tmp_path):
   dst = str(tmp_path / "from_parts.npz")
-  assert convert_perceptual.main(["--kind", "lpips", "--src", files["heads"],
-                                  "--vgg16", files["vgg16"], "--dst", dst]) == 0
+  assert convert.main(["--kind", "lpips", "--src", files["heads"],
+                       "--vgg16", files["vgg16"], "--dst", dst]) == 0
   vgg_only = str(tmp_path / "vgg16.npz")
-  assert convert_perceptual.main(["--kind", "vgg16", "--src", files["vgg16"],
-                                  "--dst", vgg_only]) == 0
+  assert convert.main(["--kind", "vgg16", "--src", files["vgg16"], "--dst", vgg_only]) == 0
   with np.load(files["lpips_npz"]) as whole, np.load(dst) as parts, np.load(vgg_only) as trunk:
     assert sorted(whole.files) == sorted(parts.files)
     assert len(whole.files) == 26 + 5 and len(trunk.files) == 26
@@ -119,7 +118,7 @@ def test_heads_file_plus_torchvision_trunk_converts_the_same(files, tmp_path):
     for key in trunk.files:
       np.testing.assert_array_equal(whole[key], trunk[key])
   # The torch layout (O, I, kH, kW) became Flax's (kH, kW, I, O).
-  state = torch_weights.load_state_dict(files["vgg16"])
+  state = torch_pickle.load_state_dict(files["vgg16"])
   with np.load(vgg_only) as trunk:
     np.testing.assert_array_equal(trunk["vgg/conv2_1/kernel"],
                                   state["features.5.weight"].transpose(2, 3, 1, 0))
@@ -132,25 +131,25 @@ def test_converter_rejects_other_networks(files, tmp_path):
   foreign = str(tmp_path / "foreign.pth")
   torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.bias": torch.zeros(1000)}, foreign)
   with pytest.raises(ValueError, match="is not torchvision's VGG16 state dict"):
-    convert_perceptual.convert("vgg16", foreign, str(tmp_path / "x.npz"))
+    convert.convert("vgg16", foreign, str(tmp_path / "x.npz"))
   with pytest.raises(ValueError, match=r"is not LPIPS\(net='vgg'\) weights"):
-    convert_perceptual.convert("lpips", foreign, str(tmp_path / "x.npz"))
+    convert.convert("lpips", foreign, str(tmp_path / "x.npz"))
   with pytest.raises(ValueError, match="pass it with --vgg16"):
-    convert_perceptual.convert("lpips", files["heads"], str(tmp_path / "x.npz"))
+    convert.convert("lpips", files["heads"], str(tmp_path / "x.npz"))
   # A VGG16 with batch norm shifts every feature index: rejected, not silently misread.
-  state = torch_weights.load_state_dict(files["vgg16"])
+  state = torch_pickle.load_state_dict(files["vgg16"])
   shifted = {k.replace("features.5.", "features.6."): torch.from_numpy(v)
              for k, v in state.items()}
   torch.save(shifted, foreign)
-  assert convert_perceptual.main(["--kind", "vgg16", "--src", foreign,
-                                  "--dst", str(tmp_path / "x.npz")]) == 1
+  assert convert.main(["--kind", "vgg16", "--src", foreign,
+                       "--dst", str(tmp_path / "x.npz")]) == 1
   assert not os.path.exists(tmp_path / "x.npz")
 
 
 def test_missing_weights_say_what_to_download_and_how_to_convert(tmp_path):
   missing = str(tmp_path / "lpips_vgg.npz")
   with pytest.raises(FileNotFoundError, match=r"(?s)vgg16-397923af\.pth.*lpips/weights/v0\.1/"
-                     r"vgg\.pth.*python -m dsno_jax\.convert_perceptual --kind lpips"):
+                     r"vgg\.pth.*python -m dsno_jax\.convert --kind lpips"):
     losses.get_distance("lpips", missing)
   with pytest.raises(FileNotFoundError, match=r"(?s)perceptual_weights is not set.*--kind vgg16"):
     losses.get_distance("vgg", "")

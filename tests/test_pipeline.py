@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from dsno_jax import pipeline
+from dsno_jax import modes
 
 
 def reduced_config():
@@ -18,12 +18,13 @@ def reduced_config():
   config.train.num_steps, config.train.batch_size = 6, 16
   config.train.checkpoint_every = config.train.log_every = 6
   config.train.sample_every = 0
-  g = config.trajectory
-  g.num_examples, g.batch_size, g.shard_size, g.num_steps = 64, 32, 32, 4
-  e = config.eval
-  e.num_samples, e.batch_size, e.classifier_steps = 64, 32, 60
-  e.teacher_solvers, e.teacher_nfes = ("ddim",), (2,)
-  e.accurate_solver = "dpm2m"  # a fixed-step stand-in keeps the smoke test short
+  trajectory = config.trajectory
+  trajectory.num_examples, trajectory.batch_size = 64, 32
+  trajectory.shard_size, trajectory.num_steps = 32, 4
+  evaluation = config.eval
+  evaluation.num_samples, evaluation.batch_size, evaluation.classifier_steps = 64, 32, 60
+  evaluation.teacher_solvers, evaluation.teacher_nfes = ("ddim",), (2,)
+  evaluation.accurate_solver = "dpm2m"  # a fixed-step stand-in keeps the smoke test short
   return config
 
 
@@ -31,7 +32,7 @@ def reduced_config():
 def finished(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pipeline"))
   config = reduced_config()
-  return workdir, config, pipeline.pipeline(config, workdir)
+  return workdir, config, modes.pipeline(config, workdir)
 
 
 def test_every_stage_leaves_its_outputs(finished):
@@ -60,7 +61,7 @@ def test_the_table_is_sane(finished):
 
 def test_a_second_run_skips_every_stage(finished, capsys):
   workdir, config, result = finished
-  again = pipeline.pipeline(config, workdir)
+  again = modes.pipeline(config, workdir)
   assert again == result
   out = capsys.readouterr().out
   assert out.count("skipped") == 7, out

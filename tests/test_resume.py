@@ -1,4 +1,4 @@
-"""SPEC section 9: a run killed with SIGKILL resumes from its checkpoint and ends as if never killed."""
+"""A run killed with SIGKILL resumes from its checkpoint and ends as if never killed."""
 import os
 import signal
 import subprocess
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import training_helpers as helpers
 
-from dsno_jax import model_io
+from dsno_jax.models import io as model_io
 from dsno_jax.data import digits
 
 NUM_STEPS, DEVICES = 60, 2

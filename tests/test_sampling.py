@@ -7,7 +7,9 @@ import pytest
 from jax.sharding import Mesh
 
 from configs import tiny
-from dsno_jax import model_io, models
+from dsno_jax import models
+from dsno_jax.models import io as model_io
+from dsno_jax.workdir import Workdir
 from dsno_jax.evaluation import sampling
 from param_utils import random_params
 
@@ -17,7 +19,7 @@ def exported(tmp_path_factory):
   config = tiny.get_config()
   workdir = str(tmp_path_factory.mktemp("sample"))
   params = random_params(models.param_shapes(models.init_student, config), seed=3)
-  model_io.save_model(sampling.export_dir(workdir), params, config, role="student")
+  model_io.save_model(Workdir(workdir).student_export, params, config, role="student")
   return config, workdir, params
 
 

@@ -1,4 +1,4 @@
-"""SPEC section 4: the exact Gaussian-mixture teacher and the closed-form single-Gaussian flow."""
+"""The exact Gaussian-mixture teacher and the closed-form single-Gaussian flow."""
 import jax
 import jax.numpy as jnp
 import numpy as np

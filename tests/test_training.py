@@ -1,4 +1,4 @@
-"""SPEC sections 5, 8, 9: the losses fall, 8 devices equal 1, a NaN stops the run, bad input fails."""
+"""Training: the losses fall, 8 devices equal 1, a NaN stops the run, bad input fails."""
 import os
 
 import flax
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import training_helpers as helpers
 
-from dsno_jax import diffusion, model_io, models
-from dsno_jax.data import digits, generate, images, trajectories
-from dsno_jax.training import checkpoints, loop, losses, state
+from dsno_jax import diffusion, export, models
+from dsno_jax.data import digits, images, trajectories
+from dsno_jax.models import io as model_io
+from dsno_jax.teachers import generate
+from dsno_jax.training import checkpoints, loop, losses, objectives, runs, state
 
 helpers.use_compilation_cache()
 
@@ -86,7 +88,7 @@ def test_teacher_loss_falls(tmp_path):
   source = images.InMemorySource(*digits.digit_images(8))
   batches = lambda start: images.batch_iterator(source, global_batch_size=8, seed=0,
                                                 start_step=start)
-  result = loop.train(config, str(tmp_path), loop.teacher_objective(config), batches,
+  result = loop.train(config, str(tmp_path), objectives.teacher_objective(config), batches,
                       mesh=mesh_of(1))
   loss = np.array([h["loss"] for h in result.history])
   assert np.all(np.isfinite(loss))
@@ -103,21 +105,21 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, poo
 
 def test_batch_not_divisible_by_devices(tmp_path, pool):
   config = student_config(batch_size=12)
-  objective = loop.student_objective(config, diffusion.save_logsnrs(config))
+  objective = objectives.student_objective(config, diffusion.save_logsnrs(config))
   with pytest.raises(ValueError, match="12 is not divisible by the 8 devices"):
     loop.train(config, str(tmp_path), objective, None, mesh=mesh_of(8))
 
 
 def test_missing_trajectory_dataset(tmp_path):
   with pytest.raises(FileNotFoundError, match="run --mode=generate"):
-    loop.train_student(student_config(), str(tmp_path))
+    runs.train_student(student_config(), str(tmp_path))
 
 
 def test_checkpoint_of_another_config(one_device_run, pool):
   workdir, _ = one_device_run
   config = student_config(num_steps=6)
   config.model.emb_ch = 32
-  objective = loop.student_objective(config, diffusion.save_logsnrs(config))
+  objective = objectives.student_objective(config, diffusion.save_logsnrs(config))
   with pytest.raises(ValueError,
                      match=r"(?s)different config.*model.emb_ch: checkpoint 64 vs now 32"):
     loop.train(config, str(workdir), objective, None, mesh=mesh_of(1))
@@ -155,7 +157,7 @@ def test_learning_rate_schedule():
 
 def test_export_student_writes_the_ema_params(one_device_run):
   workdir, result = one_device_run
-  path = checkpoints.export_student(student_config(), str(workdir))
+  path = export.export_student(student_config(), str(workdir))
   params, config, role = model_io.load_model(path)
   assert role == "student" and config.model.ch == 32
   for a, b in zip(jax.tree_util.tree_leaves(params),
@@ -164,7 +166,7 @@ def test_export_student_writes_the_ema_params(one_device_run):
   other = student_config()
   other.model.ch_mult = (1, 1)
   with pytest.raises(ValueError, match=r"(?s)different config.*model.ch_mult"):
-    checkpoints.export_student(other, str(workdir))
+    export.export_student(other, str(workdir))
 
 
 def test_train_student_reads_the_trajectory_dataset_and_starts_from_the_teacher(tmp_path, pool):
@@ -180,14 +182,14 @@ def test_train_student_reads_the_trajectory_dataset_and_starts_from_the_teacher(
   teacher = models.init_teacher(config, jax.random.PRNGKey(5))
   model_io.save_model(str(tmp_path / "teacher"), jax.device_get(teacher), config, "teacher")
 
-  objective = loop.student_objective(config, diffusion.save_logsnrs(config),
-                                     loop.teacher_params_loader(config, str(tmp_path)))
+  objective = objectives.student_objective(config, diffusion.save_logsnrs(config),
+                                     runs.teacher_params_loader(config, str(tmp_path)))
   student = flax.traverse_util.flatten_dict(objective.start_params(jax.random.PRNGKey(0)))
   for path, value in flax.traverse_util.flatten_dict(jax.device_get(teacher)).items():
     np.testing.assert_array_equal(student[path], value, err_msg="/".join(path))
-  result = loop.train_student(config, str(tmp_path))
+  result = runs.train_student(config, str(tmp_path))
   assert [h["step"] for h in result.history] == [1, 2]
   assert np.isfinite([h["loss"] for h in result.history]).all()
   config.trajectory.save_times = (0.5, 0.25, 0.1, 0.0)
   with pytest.raises(ValueError, match="were saved at log-SNRs"):
-    loop.train_student(config, str(tmp_path))
+    runs.train_student(config, str(tmp_path))

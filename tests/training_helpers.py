@@ -97,11 +97,12 @@ def one_level_config():
 def student_config(**train):
   """A one-level student that learns visibly in a few dozen steps of batch 8."""
   config = one_level_config()
-  s = config.train
-  s.init_from_teacher, s.batch_size, s.learning_rate, s.warmup_steps = False, 8, 2e-3, 2
-  s.ema_decay, s.log_every, s.checkpoint_every = 0.9, 1, 3
+  settings = config.train
+  settings.init_from_teacher, settings.batch_size = False, 8
+  settings.learning_rate, settings.warmup_steps = 2e-3, 2
+  settings.ema_decay, settings.log_every, settings.checkpoint_every = 0.9, 1, 3
   for name, value in train.items():
-    s[name] = value
+    settings[name] = value
   return config
 
 
@@ -113,9 +114,9 @@ def run_student(workdir, pool, *, num_steps, mesh=None, process_index=0, process
                 nan_at_step=None, sigterm_at_step=None, **train):
   """loop.train of the student_config student on pool batches (mesh None: every device)."""
   from dsno_jax import diffusion
-  from dsno_jax.training import loop
+  from dsno_jax.training import loop, objectives
   config = student_config(num_steps=num_steps, **train)
-  objective = loop.student_objective(config, diffusion.save_logsnrs(config))
+  objective = objectives.student_objective(config, diffusion.save_logsnrs(config))
   batches = lambda start: pool_batches(
       pool, global_batch_size=config.train.batch_size, seed=config.seed, start_step=start,
       process_index=process_index, process_count=process_count, nan_at_step=nan_at_step,

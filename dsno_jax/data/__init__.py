@@ -1,1 +1,1 @@
-"""Data: TFDS image pipelines per host, the digits builder, trajectory datasets."""
+"""Data: image sources per host, the digits builder, trajectory datasets, read order and noise."""

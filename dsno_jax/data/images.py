@@ -4,15 +4,16 @@ Sources: the project's digits builder (built offline on first use), any prepared
 data set (`cifar10`, `imagenet_resized/64x64`, ...) and a folder of images (TFDS
 ImageFolder: ROOT/SPLIT/LABEL/*.png). Nothing is ever downloaded.
 
-Order: step s of a run uses examples perm_e[(s*B + i) mod N] for i < B, where perm_e is a
-permutation of the N examples drawn from (seed, epoch e), and its horizontal flips are drawn
-from (seed, step). Host p of P feeds rows [p*B/P, (p+1)*B/P) of that global batch. So a
-resumed run sees exactly the batches an uninterrupted one would have, on any host count.
+Order: data/batching.py's epoch permutations; the horizontal flips of a step are drawn from
+(seed, step), so they too are the same for a resumed run.
 """
 import os
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
+
+from dsno_jax.data import batching
+from dsno_jax.workdir import Workdir
 
 # Above this many bytes, a split stored as TFRecord is too big to hold in memory on every
 # host: it must be prepared as array_record (random access) instead.
@@ -53,7 +54,7 @@ def default_data_dir(config, workdir: str) -> str:
   if config.data.data_dir:
     return config.data.data_dir
   if config.data.name == "digits":
-    return os.path.join(workdir, "tfds")
+    return Workdir(workdir).tfds
   import tensorflow_datasets as tfds
   return tfds.core.constants.DATA_DIR
 
@@ -159,19 +160,6 @@ def load_source(config, workdir: str, split: Optional[str] = None):
   return InMemorySource(images, labels)
 
 
-def example_indices(step: int, global_batch_size: int, num_examples: int,
-                    seed: int) -> np.ndarray:
-  """Global example indices (B,) of a step: consecutive slots of per-epoch permutations."""
-  positions = step * global_batch_size + np.arange(global_batch_size, dtype=np.int64)
-  epochs = positions // num_examples
-  out = np.empty(global_batch_size, np.int64)
-  for epoch in np.unique(epochs):
-    permutation = np.random.default_rng([seed, 0, int(epoch)]).permutation(num_examples)
-    chosen = epochs == epoch
-    out[chosen] = permutation[positions[chosen] % num_examples]
-  return out
-
-
 def flips(step: int, global_batch_size: int, seed: int) -> np.ndarray:
   """Which examples (B,) of a step are mirrored left-right."""
   return np.random.default_rng([seed, 1, step]).random(global_batch_size) < 0.5
@@ -193,16 +181,12 @@ def batch_iterator(source, *, global_batch_size: int, seed: int, start_step: int
   if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
-  if global_batch_size % process_count:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"{process_count} processes")
-  if len(source) == 0:
-    raise ValueError("the image source is empty")
-  local = global_batch_size // process_count
-  rows = slice(process_index * local, (process_index + 1) * local)
+  rows = batching.local_rows(global_batch_size, process_index, process_count)
   step = start_step
   while True:
-    indices = example_indices(step, global_batch_size, len(source), seed)[rows]
+    indices = batching.step_indices(step, num_examples=len(source),
+                                    global_batch_size=global_batch_size, seed=seed,
+                                    process_index=process_index, process_count=process_count)
     images, labels = source.get(indices)
     images = to_model_range(images)
     if random_flip:
@@ -210,10 +194,3 @@ def batch_iterator(source, *, global_batch_size: int, seed: int, start_step: int
       images = np.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
     yield {"image": images, "label": labels.astype(np.int32)}
     step += 1
-
-
-def train_batches(config, workdir: str, global_batch_size: int, start_step: int = 0):
-  """Teacher training batches of config.data for this host, from start_step on."""
-  source = load_source(config, workdir, config.data.train_split)
-  return batch_iterator(source, global_batch_size=global_batch_size, seed=config.seed,
-                        start_step=start_step, random_flip=config.data.random_flip)

@@ -1,6 +1,4 @@
 """Trajectory datasets on disk: TFDS ArrayRecord shards of (noise, targets, label, index)."""
-import concurrent.futures
-import functools
 import json
 import os
 from typing import Dict, Iterator, Optional, Sequence, Set
@@ -10,6 +8,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import example_serializer
+
+from dsno_jax import diffusion
+from dsno_jax.data import batching
 
 DATASET_NAME = "trajectories"
 SPLIT = "train"
@@ -201,29 +202,6 @@ def _open_source(directory: str):
   return tfds.builder_from_directory(directory).as_data_source(split=SPLIT)
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(n)
-
-
-def batch_indices(step: int, *, num_examples: int, global_batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """Example indices of this host's slice of global batch `step` (a pure function).
-
-  The stream is the concatenation of per-epoch permutations drawn from (seed, epoch);
-  global batch `step` is positions [step * G, (step + 1) * G) of it, and host p takes the
-  p-th contiguous G / process_count of those.
-  """
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                     f"process_count={process_count}")
-  local = global_batch_size // process_count
-  positions = step * global_batch_size + process_index * local + np.arange(local)
-  epochs, offsets = np.divmod(positions, num_examples)
-  return np.asarray([_epoch_permutation(seed, int(e), num_examples)[o]
-                     for e, o in zip(epochs, offsets)], np.int64)
-
-
 def _read(source, indices: Sequence[int]) -> Dict[str, np.ndarray]:
   examples = source.__getitems__([int(i) for i in indices])
   batch = {
@@ -242,26 +220,28 @@ def batch_iterator(directory: str, *, global_batch_size: int, seed: int, start_s
                    process_count: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
   """Endless per-host batches {noise (b,H,W,C), targets (b,K,H,W,C) float32, label, index}.
 
-  b = global_batch_size / process_count. The batch at step s depends only on (seed, s), so
-  a run resumed at `start_step` sees exactly the batches it would have seen. The next batch
-  is read in a background thread while the current one is used.
+  b = global_batch_size / process_count, in data/batching.py's order, so a run resumed at
+  `start_step` reads exactly the batches it would have read.
   """
   source = _open_source(directory)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-  indices_at = functools.partial(
-      batch_indices, num_examples=len(source), global_batch_size=global_batch_size, seed=seed,
-      process_index=process_index, process_count=process_count)
-  executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-  try:
-    step = start_step
-    pending = executor.submit(_read, source, indices_at(step))
-    while True:
-      batch = pending.result()
-      step += 1
-      pending = executor.submit(_read, source, indices_at(step))
-      yield batch
-  finally:
-    executor.shutdown(wait=False)  # at most one read left in flight
+  batching.local_rows(global_batch_size, process_index, process_count)  # fails early
+  step = start_step
+  while True:
+    yield _read(source, batching.step_indices(
+        step, num_examples=len(source), global_batch_size=global_batch_size, seed=seed,
+        process_index=process_index, process_count=process_count))
+    step += 1
+
+
+def check_logsnrs(config, directory: str) -> np.ndarray:
+  """The dataset's log-SNRs (K,), checked against the config's save times."""
+  metadata = read_metadata(directory)
+  logsnr = np.asarray(metadata["logsnrs"], np.float32)
+  wanted = diffusion.save_logsnrs(config)
+  if logsnr.shape != wanted.shape or not np.allclose(logsnr, wanted, rtol=1e-5, atol=1e-4):
+    raise ValueError(f"the trajectories in {directory} were saved at log-SNRs {logsnr.tolist()} "
+                     f"(times {metadata.get('save_times')}); config.trajectory.save_times="
+                     f"{tuple(config.trajectory.save_times)} gives {wanted.tolist()}")
+  return logsnr

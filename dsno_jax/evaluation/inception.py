@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsno_jax import trees
+from dsno_jax.weights import npz, torch_layout
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 BATCH_NORM_EPSILON = 1e-3  # torchvision's BasicConv2d
@@ -285,21 +288,12 @@ def default_weights_path() -> str:
 
 
 def missing_weights_message(path: str) -> str:
+  """Why FID cannot run without the file at `path`, and the command that makes it."""
   return (f"Inception FID weights not found at {path}. They are converted once from "
           f"pytorch-fid's published {WEIGHTS_SOURCE_FILE} (GitHub releases of mseitzer/pytorch-fid:"
           f" {WEIGHTS_URL}); download that file, then run\n"
-          f"  python -m dsno_jax.evaluation.convert_inception --src {WEIGHTS_SOURCE_FILE} "
+          f"  python -m dsno_jax.convert --kind inception --src {WEIGHTS_SOURCE_FILE} "
           f"--dst {path}\n(no PyTorch needed), or set ${WEIGHTS_ENV} to the converted .npz.")
-
-
-def save_params(path: str, params) -> None:
-  """Writes parameters as an .npz of '/'-joined paths (written to a temporary file, renamed)."""
-  flat = {"/".join(p): np.asarray(v, np.float32)
-          for p, v in flax.traverse_util.flatten_dict(params).items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
 
 
 def load_params(path: Optional[str] = None):
@@ -309,26 +303,54 @@ def load_params(path: Optional[str] = None):
   ValueError when the .npz does not hold exactly this network's parameters.
   """
   path = default_weights_path() if path is None else os.path.expanduser(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(missing_weights_message(path))
-  with np.load(path, allow_pickle=False) as npz:
-    flat = {tuple(k.split("/")): npz[k] for k in npz.files}
+  flat = npz.load(path, missing_weights_message(path))
   check_params(flat, source=path)
-  return flax.traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in flat.items()})
+  return trees.unflatten({p: jnp.asarray(v) for p, v in flat.items()})
 
 
-def check_params(flat: Dict[Tuple[str, ...], np.ndarray], source: str) -> None:
-  """Raises ValueError naming the first missing, unexpected or mis-shaped parameter."""
-  expected = param_shapes()
-  missing = sorted("/".join(p) for p in expected.keys() - flat.keys())
-  unexpected = sorted("/".join(p) for p in flat.keys() - expected.keys())
-  if missing or unexpected:
-    raise ValueError(f"{source} is not the FID Inception-v3: missing {len(missing)} parameters "
-                     f"{missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}")
-  for p, shape in expected.items():
-    if tuple(flat[p].shape) != shape:
-      raise ValueError(f"{source}: parameter {'/'.join(p)} has shape {tuple(flat[p].shape)}; "
-                       f"expected {shape}")
+def check_params(flat, source: str) -> None:
+  """Raises ValueError listing every missing, unexpected and wrongly shaped parameter of a flat
+  dict (keys: '/'-joined paths or tuples), so that a wrong file fails before any FID is computed."""
+  npz.check_shapes(flat, param_shapes(), f"{source} is not the FID Inception-v3")
+
+
+# --- conversion from pytorch-fid's .pth -----------------------------------------------------------
+
+_TORCH_FROM_FLAX_LEAF = {
+    ("conv", "kernel"): ("conv", "weight"),
+    ("bn", "scale"): ("bn", "weight"),
+    ("bn", "bias"): ("bn", "bias"),
+    ("bn", "mean"): ("bn", "running_mean"),
+    ("bn", "var"): ("bn", "running_var"),
+}
+# The 2015 TF graph classifies into 1008 classes (torchvision's own Inception has 1000); FID
+# reads pool3, so this head is accepted and dropped.
+DROPPED_TORCH_HEAD = {"fc.weight": (1008, FEATURE_DIM), "fc.bias": (1008,)}
+PUBLISHED_SHA256_PREFIX = "6726825d"
+
+
+def torch_name(flax_path: Tuple[str, ...]) -> str:
+  """('Mixed_5b', 'branch1x1', 'conv', 'kernel') -> 'Mixed_5b.branch1x1.conv.weight'."""
+  return ".".join(flax_path[:-2] + _TORCH_FROM_FLAX_LEAF[flax_path[-2:]])
+
+
+def flax_params_from_state_dict(state_dict: Dict[str, np.ndarray], source: str = "state dict"):
+  """Flax `InceptionV3` parameters from a torchvision-named FID Inception state dict.
+
+  The state dict must be exactly torchvision's `Inception3` with pytorch-fid's FID blocks
+  (the 1008-way `fc` head and `num_batches_tracked` counters are allowed and dropped), so that
+  another network's weights are refused rather than misread: ValueError listing every missing,
+  unexpected and wrongly shaped entry otherwise.
+  """
+  names = {torch_name(p): p for p in param_shapes()}
+  given = {k: v for k, v in state_dict.items()
+           if not k.endswith(".num_batches_tracked")
+           and not (k in DROPPED_TORCH_HEAD and tuple(np.shape(v)) == DROPPED_TORCH_HEAD[k])}
+  npz.check_shapes(given, torch_layout.torch_shapes(names, param_shapes()),
+                   f"{source} is not pytorch-fid's FID Inception-v3 state dict (the torchvision "
+                   f"Inception3 names of {WEIGHTS_SOURCE_FILE})")
+  return trees.unflatten({"/".join(p): v
+                          for p, v in torch_layout.to_flax(state_dict, names).items()})
 
 
 def pool3_feature_fn(params, value_range: Tuple[float, float] = (-1.0, 1.0),

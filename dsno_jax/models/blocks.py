@@ -1,4 +1,8 @@
-"""Building blocks of the Progressive-Distillation UNet: embeddings, ResnetBlock, AttnBlock."""
+"""Building blocks of the Progressive-Distillation UNet: embeddings, ResnetBlock, AttnBlock.
+
+The layout (names, shapes, GroupNorm of 32 groups, FiLM from the embedding) is that of the
+Progressive-Distillation checkpoints (Salimans & Ho, ICLR 2022), so they load unchanged.
+"""
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -6,15 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsno_jax.models.conv import Conv
 from dsno_jax.models.norm import GroupNorm
 
 Dtype = Any
 
 
-def group_norm(name: str, dtype: Dtype, fused: bool = True) -> GroupNorm:
+def group_norm(name: str, dtype: Dtype) -> GroupNorm:
   """PD's GroupNorm (32 groups, epsilon 1e-6); call it with film_scale/film_shift/swish."""
-  return GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, fused=fused, name=name)
+  return GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+
+
+def conv3x3(features: int, dtype: Dtype, name: str, strides=(1, 1),
+            kernel_init=nn.initializers.lecun_normal()) -> nn.Conv:
+  """PD's 3x3 "SAME" convolution with bias: float32 parameters, computed in `dtype`."""
+  return nn.Conv(features, (3, 3), strides=strides, padding="SAME", kernel_init=kernel_init,
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def logsnr_input(logsnr, kind: str, scale_range=(-10.0, 10.0)):
@@ -60,24 +70,21 @@ class ResnetBlock(nn.Module):
   resample: Optional[str] = None  # None | "up" | "down"
   deterministic: bool = True
   dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"  # kernel-gradient algorithm, see models/conv.py
-  fused_norm: bool = True  # models/norm.py
 
   @nn.compact
   def __call__(self, x, emb):
     c = x.shape[-1]
     out_ch = c if self.out_ch is None else self.out_ch
-    h = group_norm("norm1", self.dtype, self.fused_norm)(x, swish=True)
+    h = group_norm("norm1", self.dtype)(x, swish=True)
     if self.resample is not None:
       resample = {"up": upsample_nearest, "down": downsample_avg}[self.resample]
       h, x = resample(h), resample(x)
-    h = Conv(out_ch, dtype=self.dtype, impl=self.conv_impl, name="conv1")(h)
+    h = conv3x3(out_ch, self.dtype, "conv1")(h)
     film = nn.Dense(2 * out_ch, dtype=self.dtype, name="temb_proj")(nn.swish(emb))
     scale, shift = jnp.split(film, 2, axis=-1)
-    h = group_norm("norm2", self.dtype, self.fused_norm)(h, scale, shift, swish=True)
+    h = group_norm("norm2", self.dtype)(h, scale, shift, swish=True)
     h = nn.Dropout(rate=self.dropout)(h, deterministic=self.deterministic)
-    h = Conv(out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype, impl=self.conv_impl,
-             name="conv2")(h)
+    h = conv3x3(out_ch, self.dtype, "conv2", kernel_init=nn.initializers.zeros)(h)
     if c != out_ch:
       x = nn.Dense(out_ch, dtype=self.dtype, name="nin_shortcut")(x)
     return x + h
@@ -88,13 +95,12 @@ class AttnBlock(nn.Module):
   num_heads: Optional[int]
   head_dim: Optional[int]
   dtype: Dtype = jnp.float32
-  fused_norm: bool = True
 
   @nn.compact
   def __call__(self, x):
     n, hgt, wid, c = x.shape
     num_heads, head_dim = attention_heads(c, self.num_heads, self.head_dim)
-    h = group_norm("norm", self.dtype, self.fused_norm)(x).reshape(n, hgt * wid, c)
+    h = group_norm("norm", self.dtype)(x).reshape(n, hgt * wid, c)
     qkv = [nn.DenseGeneral((num_heads, head_dim), dtype=self.dtype, name=name)(h)
            for name in ("q", "k", "v")]
     h = nn.dot_product_attention(*qkv, dtype=self.dtype)

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsno_jax import diffusion
-from dsno_jax.models import conv, time_conv
+from dsno_jax import backend, diffusion, trees
 from dsno_jax.models.unet import DSNO, UNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -19,16 +18,23 @@ def _dtype(name: str):
   return DTYPES[name]
 
 
+def time_conv_formulation(name: str) -> str:
+  """model.time_conv_impl resolved: "auto" is the backend's choice, "fft" | "dft" themselves."""
+  choices = ("auto",) + backend.TIME_CONV_FORMULATIONS
+  if name not in choices:
+    raise ValueError(f"model.time_conv_impl={name!r}; expected one of {choices}")
+  return backend.time_conv_formulation() if name == "auto" else name
+
+
 def _unet_fields(config) -> Dict[str, Any]:
-  m = config.model
+  model = config.model
   return dict(
-      ch=m.ch, emb_ch=m.emb_ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-      attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads, head_dim=m.head_dim,
-      dropout=m.dropout, logsnr_input_type=m.logsnr_input_type,
-      resblock_resample=m.resblock_resample, num_classes=config.data.num_classes,
-      image_size=config.data.image_size, dtype=_dtype(m.dtype), remat=m.remat,
-      conv_impl=conv.resolve_impl(m.conv_impl), fused_norm=m.fused_norm,
-      time_conv_impl=time_conv.resolve_impl(m.time_conv_impl))
+      ch=model.ch, emb_ch=model.emb_ch, ch_mult=tuple(model.ch_mult),
+      num_res_blocks=model.num_res_blocks, attn_resolutions=tuple(model.attn_resolutions),
+      num_heads=model.num_heads, head_dim=model.head_dim, dropout=model.dropout,
+      logsnr_input_type=model.logsnr_input_type, resblock_resample=model.resblock_resample,
+      num_classes=config.data.num_classes, image_size=config.data.image_size,
+      dtype=_dtype(model.dtype), remat=model.remat)
 
 
 def teacher_from_config(config) -> UNet:
@@ -40,7 +46,9 @@ def teacher_from_config(config) -> UNet:
 def student_from_config(config) -> DSNO:
   """The DSNO student: x-hat at the K save times of the trajectory config."""
   return DSNO(out_ch=config.data.channels, num_modes=config.model.num_modes,
-              num_times=len(config.trajectory.save_times), **_unet_fields(config))
+              num_times=len(config.trajectory.save_times),
+              time_conv_formulation=time_conv_formulation(config.model.time_conv_impl),
+              **_unet_fields(config))
 
 
 def dummy_inputs(config, batch: int = 1):
@@ -74,7 +82,9 @@ def param_shapes(init_fn, config) -> Dict:
 
 
 def is_time_conv_path(path) -> bool:
-  return any(str(p).split(".")[-1].startswith("time_conv") for p in path)
+  """Whether a parameter path ("a/b/c" or a tuple of names) lies in one of DSNO's TimeConvs."""
+  parts = path.split("/") if isinstance(path, str) else path
+  return any(str(p).split(".")[-1].startswith("time_conv") for p in parts)
 
 
 def student_params_from_teacher(teacher_params, student_params, teacher_mean_type: str,
@@ -82,32 +92,25 @@ def student_params_from_teacher(teacher_params, student_params, teacher_mean_typ
   """Student tree with every teacher parameter copied in; TimeConvs keep their values.
 
   For a `both` teacher, `conv_out` keeps the x half of its output channels.
-  Raises ValueError listing every mismatch (never a partial copy).
+  Raises ValueError (trees.check_shapes: the teacher's entries are the given ones, the
+  student's other than its TimeConvs the expected ones) on any mismatch: never a partial copy.
   """
-  teacher = flax.traverse_util.flatten_dict(flax.core.unfreeze(teacher_params))
-  student = flax.traverse_util.flatten_dict(flax.core.unfreeze(student_params))
+  teacher = {path: jnp.asarray(value) for path, value in
+             trees.flatten(flax.core.unfreeze(teacher_params)).items()}
+  student = trees.flatten(flax.core.unfreeze(student_params))
+  if teacher_mean_type == "both":
+    for path in [p for p in teacher if p.split("/")[0] == "conv_out"]:
+      value = teacher[path]
+      teacher[path] = value[..., :channels if channels is not None else value.shape[-1] // 2]
+  trees.check_shapes(
+      trees.shapes(teacher),
+      {p: tuple(np.shape(v)) for p, v in student.items() if not is_time_conv_path(p)},
+      "teacher parameters do not fit the student (missing: student entries the teacher lacks, "
+      "TimeConvs aside; unexpected: teacher entries not in the student)")
   out = dict(student)
-  missing, wrong = [], []
   for path, value in teacher.items():
-    if path not in student:
-      missing.append("/".join(path))
-      continue
-    value = jnp.asarray(value)
-    if path[0] == "conv_out" and teacher_mean_type == "both":
-      c = channels if channels is not None else value.shape[-1] // 2
-      value = value[..., :c]
-    if value.shape != student[path].shape:
-      wrong.append(f"{'/'.join(path)}: teacher {value.shape} vs student {student[path].shape}")
-      continue
     out[path] = value.astype(student[path].dtype)
-  extra = [p for p in student if p not in teacher and not is_time_conv_path(p)]
-  if missing or wrong or extra:
-    raise ValueError(
-        "teacher parameters do not fit the student:\n"
-        f"  not in the student: {missing}\n  wrongly shaped: {wrong}\n"
-        f"  student entries the teacher lacks (other than TimeConvs): "
-        f"{['/'.join(p) for p in extra]}")
-  return flax.traverse_util.unflatten_dict(out)
+  return trees.unflatten(out)
 
 
 def count_params(tree) -> int:

@@ -4,11 +4,10 @@ Same parameters ("scale", "bias" of shape (C,)) and numbers as flax's nn.GroupNo
 `* (1 + film_scale) + film_shift` and swish, computed differently: the statistics are sums
 over the pixel axis with the channels kept contiguous (then summed within groups, a tiny
 array), and the normalisation, affine and FiLM fold into one per-(image, channel) multiply-add.
-nn.GroupNorm reduces a (N, H, W, G, C/G) view over three axes, which XLA:CPU ran about 4x
-slower forward and 7x slower forward+backward at 32x32x64, batch 32 (26 vs 5.7 ms, 60 vs
-8.6 ms, in a one-off probe); the whole-model effect is the `fused_norm` row of
-benchmarks/model_throughput.py.
-The variance is computed around the mean (two passes), not as E[x^2] - E[x]^2.
+nn.GroupNorm's reduction of a (N, H, W, G, C/G) view over three non-adjacent axes is several
+times slower on XLA:CPU, and accelerators fuse either form equally well (benchmarks/README.md).
+The variance is computed around the mean (two passes), not as E[x^2] - E[x]^2, which cancels
+catastrophically for activations with a large mean.
 """
 from typing import Any, Optional
 
@@ -46,31 +45,11 @@ def group_norm_film(x, scale, bias, num_groups: int, epsilon: float,
   return y.reshape(x.shape).astype(x.dtype)
 
 
-def group_norm_film_plain(x, scale, bias, num_groups: int, epsilon: float,
-                          film_scale=None, film_shift=None, swish: bool = False):
-  """The same function written as nn.GroupNorm computes it (the reference for tests and
-  benchmarks): statistics over a (N, H, W, G, C/G) view, then affine, FiLM, swish."""
-  n, h, w, c = x.shape
-  grouped = x.astype(jnp.float32).reshape(n, h, w, num_groups, c // num_groups)
-  mean = jnp.mean(grouped, axis=(1, 2, 4), keepdims=True)
-  var = jnp.mean(jnp.square(grouped - mean), axis=(1, 2, 4), keepdims=True)
-  y = ((grouped - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape) * scale + bias
-  if film_scale is not None:
-    y = y * (1 + film_scale[:, None, None, :])
-  if film_shift is not None:
-    y = y + film_shift[:, None, None, :]
-  return (nn.swish(y) if swish else y).astype(x.dtype)
-
-
 class GroupNorm(nn.Module):
-  """nn.GroupNorm's parameters, optionally followed by FiLM ((N, C) scale and shift) and swish.
-
-  fused=False computes it the plain way (group_norm_film_plain), to compare against.
-  """
+  """nn.GroupNorm's parameters, optionally followed by FiLM ((N, C) scale and shift) and swish."""
   num_groups: int = 32
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
-  fused: bool = True
 
   @nn.compact
   def __call__(self, x, film_scale: Optional[jax.Array] = None,
@@ -78,6 +57,5 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    fn = group_norm_film if self.fused else group_norm_film_plain
-    return fn(x.astype(self.dtype), scale, bias, self.num_groups, self.epsilon, film_scale,
-              film_shift, swish)
+    return group_norm_film(x.astype(self.dtype), scale, bias, self.num_groups, self.epsilon,
+                           film_scale, film_shift, swish)

@@ -1,27 +1,20 @@
 """TimeConv: a convolution along the K output times, parameterised in Fourier space.
 
-Two ways to compute the same function:
-  "fft": jnp.fft.rfft / irfft along the time axis;
-  "dft": the K-point real DFT and its inverse as small matmuls with cosine/sine matrices.
-    K is small (4 in the paper), and on XLA:CPU the matmuls run faster than the FFT
-    (forward 27 vs 35 ms at (8, 4, 32, 32, 64), 15 vs 21 ms at (8, 4, 16, 16, 128);
-    benchmarks/model_throughput.py shows the whole-model effect).
-  "auto": "dft" on CPU, "fft" elsewhere (accelerators keep their native FFT).
+DSNO's temporal convolution layer (Zheng et al., ICML 2023, Section 3 and Figure 1): the
+first `num_modes` Fourier coefficients along time are mixed across channels by learned
+complex weights. Two formulations of the same function, chosen by dsno_jax.backend:
+  "fft": jnp.fft.rfft / irfft along the time axis (accelerators have native FFTs);
+  "dft": the K-point real DFT and its inverse as small matmuls with cosine/sine matrices,
+    faster on XLA:CPU for the few output times DSNO uses (4 in the paper).
 """
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "fft", "dft")
-
-
-def resolve_impl(impl: str) -> str:
-  if impl not in IMPLS:
-    raise ValueError(f"model.time_conv_impl={impl!r}; expected one of {IMPLS}")
-  if impl == "auto":
-    return "dft" if jax.default_backend() == "cpu" else "fft"
-  return impl
+from dsno_jax import backend
 
 
 def _uniform_scaled(scale: float):
@@ -72,10 +65,14 @@ class TimeConv(nn.Module):
   (C_in, C_out, num_modes); frequencies at or above num_modes pass nothing.
   """
   num_modes: int = 2
-  impl: str = "fft"  # "fft" | "dft" | "auto" (see the module docstring)
+  # "fft" | "dft" (see the module docstring); by default the backend's choice
+  formulation: str = dataclasses.field(default_factory=backend.time_conv_formulation)
 
   @nn.compact
   def __call__(self, h):
+    if self.formulation not in backend.TIME_CONV_FORMULATIONS:
+      raise ValueError(f"TimeConv formulation={self.formulation!r}; expected one of "
+                       f"{backend.TIME_CONV_FORMULATIONS}")
     c = h.shape[-1]
     k = h.shape[1]
     init = _uniform_scaled(1.0 / (c * c))
@@ -84,7 +81,7 @@ class TimeConv(nn.Module):
     w_imag = self.param("weight_imag", init, shape, jnp.float32)
     x = h.astype(jnp.float32)
     used = min(self.num_modes, k // 2 + 1)
-    if resolve_impl(self.impl) == "dft":
+    if self.formulation == "dft":
       update = _spectral_update_dft(x, w_real, w_imag, k, used)
     else:
       update = _spectral_update_fft(x, w_real + 1j * w_imag, k, used)

@@ -1,13 +1,14 @@
 """One UNet backbone: the Progressive-Distillation teacher, and DSNO (the same net on K times + TimeConv)."""
-from typing import Any, Optional, Sequence, Tuple
+import dataclasses
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsno_jax.models.blocks import (AttnBlock, ResnetBlock, group_norm, logsnr_input,
+from dsno_jax import backend
+from dsno_jax.models.blocks import (AttnBlock, ResnetBlock, conv3x3, group_norm, logsnr_input,
                                     sinusoidal_embedding, upsample_nearest)
-from dsno_jax.models.conv import Conv
 from dsno_jax.models.time_conv import TimeConv
 
 
@@ -32,9 +33,6 @@ class UNet(nn.Module):
   image_size: Optional[int] = None  # when set, inputs must be this many pixels square
   dtype: Any = jnp.float32  # compute dtype; parameters are float32
   remat: bool = False  # recompute each block in the backward pass
-  conv_impl: str = "auto"  # convolution kernel-gradient algorithm (models/conv.py)
-  fused_norm: bool = True  # GroupNorm+FiLM+swish computed as in models/norm.py
-  time_conv_impl: str = "fft"  # DSNO's TimeConv: "fft" | "dft" (models/time_conv.py)
 
   @nn.compact
   def __call__(self, x, logsnr, y=None, *, train: bool):
@@ -100,11 +98,9 @@ class UNet(nn.Module):
   def _backbone(self, x, emb, train: bool, num_times: Optional[int]):
     """x: (B, H, W, C); emb: (N, emb_ch) with N = B * (num_times or 1)."""
     resnet, attn = self._blocks()
-    res_kw = dict(dropout=self.dropout, deterministic=not train, dtype=self.dtype,
-                  conv_impl=self.conv_impl, fused_norm=self.fused_norm)
-    attn_kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
-                   fused_norm=self.fused_norm)
-    h = Conv(self.ch, dtype=self.dtype, impl=self.conv_impl, name="conv_in")(x)
+    res_kw = dict(dropout=self.dropout, deterministic=not train, dtype=self.dtype)
+    attn_kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype)
+    h = conv3x3(self.ch, self.dtype, "conv_in")(x)
     if num_times is not None:  # one conv_in, then K copies folded into the batch
       b = h.shape[0]
       h = jnp.broadcast_to(h[:, None], (b, num_times) + h.shape[1:]).reshape((-1,) + h.shape[1:])
@@ -137,32 +133,33 @@ class UNet(nn.Module):
         h = self._upsample(h, emb, f"up_{i}.upsample", resnet, res_kw)
     assert not skips
 
-    h = group_norm("norm_out", self.dtype, self.fused_norm)(h, swish=True)
-    h = Conv(self.out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-             impl=self.conv_impl, name="conv_out")(h)
+    h = group_norm("norm_out", self.dtype)(h, swish=True)
+    h = conv3x3(self.out_ch, self.dtype, "conv_out", kernel_init=nn.initializers.zeros)(h)
     return h.astype(jnp.float32)
 
   def _downsample(self, h, emb, name, resnet, res_kw):
     if self.resblock_resample:
       return resnet(resample="down", name=name, **res_kw)(h, emb)
-    return Conv(h.shape[-1], strides=(2, 2), dtype=self.dtype, impl=self.conv_impl,
-                name=name)(h)
+    return conv3x3(h.shape[-1], self.dtype, name, strides=(2, 2))(h)
 
   def _upsample(self, h, emb, name, resnet, res_kw):
     if self.resblock_resample:
       return resnet(resample="up", name=name, **res_kw)(h, emb)
-    return Conv(h.shape[-1], dtype=self.dtype, impl=self.conv_impl, name=name)(
-        upsample_nearest(h))
+    return conv3x3(h.shape[-1], self.dtype, name)(upsample_nearest(h))
 
 
 class DSNO(UNet):
   """The DSNO student: the UNet run on K output times at once, with a TimeConv after every
-  resolution block.
+  resolution block (Zheng et al., ICML 2023, Section 3 and Figure 1).
 
   __call__(noise (B, H, W, C), logsnr (K,), y (B,) | None, *, train) -> (B, K, H, W, out_ch).
   """
   num_modes: int = 2
   num_times: Optional[int] = None  # when set, logsnr must have this length K
+  # TimeConv's formulation, "fft" | "dft" (models/time_conv.py); the same function either way,
+  # by default the faster one on the backend this is built on (dsno_jax.backend)
+  time_conv_formulation: str = dataclasses.field(
+      default_factory=backend.time_conv_formulation)
 
   @nn.compact
   def __call__(self, noise, logsnr, y=None, *, train: bool):
@@ -182,5 +179,5 @@ class DSNO(UNet):
 
   def _time_mix(self, h, name: str, num_times: Optional[int]):
     unfolded = h.reshape((-1, num_times) + h.shape[1:])
-    return TimeConv(num_modes=self.num_modes, impl=self.time_conv_impl, name=name)(
-        unfolded).reshape(h.shape)
+    return TimeConv(num_modes=self.num_modes, formulation=self.time_conv_formulation,
+                    name=name)(unfolded).reshape(h.shape)

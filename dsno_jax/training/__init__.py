@@ -1,1 +1,1 @@
-"""Training: state and EMA, losses, sharding, the loop, orbax checkpoints."""
+"""Training: state and EMA, losses, objectives, the jitted step, the loop, checkpoints, the two runs."""

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state (async, keep-last-N, restore-latest) and the student export."""
+"""Orbax checkpoints of the train state: async saves, keep-last-N, restore-latest, config checks."""
 import json
 import os
 from typing import Any, Optional
@@ -8,22 +8,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from dsno_jax import model_io, models
-from dsno_jax.training import sharding
+from dsno_jax import parallel, trees
+from dsno_jax.workdir import Workdir
 
-ROLES = ("teacher", "student")
 _CONFIG_FILE = "config.json"
-
-
-def checkpoint_dir(workdir: str, role: str) -> str:
-  if role not in ROLES:
-    raise ValueError(f"role={role!r}; expected one of {ROLES}")
-  return os.path.join(os.path.abspath(workdir), "checkpoints", role)
 
 
 def make_manager(workdir: str, role: str, settings, config=None) -> ocp.CheckpointManager:
   """Async manager keeping the last settings.keep_checkpoints saves; records the run's config."""
-  directory = checkpoint_dir(workdir, role)
+  directory = Workdir(workdir).checkpoints(role)
   manager = ocp.CheckpointManager(
       directory, item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(max_to_keep=settings.keep_checkpoints,
@@ -33,21 +26,6 @@ def make_manager(workdir: str, role: str, settings, config=None) -> ocp.Checkpoi
     with open(config_file, "w") as f:
       f.write(config.to_json(indent=1))
   return manager
-
-
-def _path_names(path) -> str:
-  names = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-  return "/".join(names)
-
-
-def _flat_shapes(tree) -> dict:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_names(path): tuple(leaf.shape) for path, leaf in leaves if leaf is not None}
 
 
 def _config_differences(directory: str, config, limit: int = 12) -> str:
@@ -85,16 +63,14 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state, 
 
   With a prefix (e.g. "ema_params/"), only the stored arrays under it are compared.
   """
-  stored = {k: v for k, v in _flat_shapes(manager.item_metadata(step).tree).items()
+  stored = {k: v for k, v in trees.shapes(manager.item_metadata(step).tree).items()
             if k.startswith(prefix)}
-  wanted = _flat_shapes(abstract_state)
-  problems = [f"{k}: checkpoint {stored.get(k)} vs config {wanted.get(k)}"
-              for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
-  if problems:
+  mismatch = trees.compare(stored, trees.shapes(abstract_state))
+  if mismatch:
     directory = str(manager.directory)
     raise ValueError(
-        f"the checkpoint at {directory}/{step} was written with a different config: "
-        f"{len(problems)} arrays differ, e.g. {problems[:6]}."
+        f"the checkpoint at {directory}/{step} was written with a different config (entries "
+        f"of the checkpoint against what this config builds):\n{mismatch.describe(limit=6)}"
         f"{_config_differences(directory, config)}\n"
         "Use the config that wrote it, or a fresh workdir.")
 
@@ -119,7 +95,7 @@ def save(manager: ocp.CheckpointManager, state, force: bool = False) -> bool:
 
 def restore_ema_params(workdir: str, role: str, abstract_params, config=None, mesh=None):
   """(EMA params replicated on every device, step) of the newest checkpoint of `role`."""
-  directory = checkpoint_dir(workdir, role)
+  directory = Workdir(workdir).checkpoints(role)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no {role} checkpoints at {directory}; train first "
                             f"(--mode={'train' if role == 'student' else 'train_teacher'})")
@@ -128,9 +104,9 @@ def restore_ema_params(workdir: str, role: str, abstract_params, config=None, me
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint; train first")
-  mesh = mesh or sharding.make_mesh()
+  mesh = mesh or parallel.make_mesh()
   item = {"ema_params": jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
       abstract_params)}
   check_compatible(manager, step, item, config, prefix="ema_params/")
   restored = manager.restore(step, args=ocp.args.PyTreeRestore(
@@ -138,23 +114,3 @@ def restore_ema_params(workdir: str, role: str, abstract_params, config=None, me
       partial_restore=True))
   manager.close()
   return restored["ema_params"], step
-
-
-def to_host(tree, mesh):
-  """Global arrays (replicated or sharded, on one or several processes) -> numpy, on every host."""
-  gather = jax.jit(lambda t: t, out_shardings=sharding.replicated(mesh))
-  tree = sharding.compile_in_lockstep(gather, tree, name="to_host")(tree)
-  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
-def export_student(config, workdir: str) -> str:
-  """Writes the EMA student of the newest checkpoint to WORKDIR/export (model_io format)."""
-  sharding.initialize_distributed(config)
-  abstract = models.param_shapes(models.init_student, config)
-  mesh = sharding.make_mesh()
-  params, step = restore_ema_params(workdir, "student", abstract, config, mesh)
-  path = model_io.save_model(os.path.join(workdir, "export"), to_host(params, mesh), config,
-                             role="student")
-  sharding.barrier("dsno_jax:export_student")  # process 0 finishes the export's files last
-  logging.info("exported the EMA student of step %d to %s", step, path)
-  return path

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from dsno_jax import diffusion
 from dsno_jax.training import perceptual
 
-# --- DSNO (SPEC section 5) -------------------------------------------------------------------
+# --- DSNO (the paper, Sec. 4: regression on the teacher's trajectories) ------------------------
 
 
 def l1_distance(prediction, target):

@@ -13,12 +13,13 @@ Everything is float32; the normalisation has finite gradients where a tap is all
 import os
 from typing import Callable, Dict, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsno_jax import trees
 from dsno_jax.models import vgg
+from dsno_jax.weights import npz, torch_layout, torch_pickle
 
 # LPIPS v0.1's ScalingLayer: (x - shift) / scale per RGB channel, on inputs in [-1, 1].
 LPIPS_SHIFT = np.array([-.030, -.088, -.188], np.float32)
@@ -76,7 +77,8 @@ def lpips_distance(weights, x, y):
   """(N,) LPIPS(net='vgg'): sum over taps of the spatial mean of the head-weighted channel sum
   of the squared difference of unit-normalised features. weights: {"vgg": ..., "lpips": heads}."""
   if "lpips" not in weights:
-    raise ValueError("these weights hold no LPIPS heads; convert them with --kind lpips")
+    raise ValueError("these weights hold no LPIPS heads; convert them with "
+                     "`python -m dsno_jax.convert --kind lpips`")
   diffs = tap_differences(weights["vgg"], x, y)
   return sum(
       jnp.mean(jnp.einsum("nhwc,c->nhw", diffs[tap], weights["lpips"][head],
@@ -122,13 +124,13 @@ def how_to_convert(path: str, kind: str) -> str:
   vgg16 = f"torchvision's ImageNet VGG16 weights {VGG16_SOURCE_FILE} ({VGG16_URL})"
   if kind == "vgg":
     steps = (f"It needs {vgg16}; download that file, then run\n"
-             f"  python -m dsno_jax.convert_perceptual --kind vgg16 --src {VGG16_SOURCE_FILE} "
+             f"  python -m dsno_jax.convert --kind vgg16 --src {VGG16_SOURCE_FILE} "
              f"--dst {path or 'vgg16.npz'}\n")
   else:
     steps = (f"It needs {vgg16} and the LPIPS linear heads vgg.pth, which ship inside the "
              f"`lpips` pip package as {LPIPS_SOURCE_FILE} (pip install lpips, or "
              "github.com/richzhang/PerceptualSimilarity); then run\n"
-             f"  python -m dsno_jax.convert_perceptual --kind lpips --src vgg.pth "
+             f"  python -m dsno_jax.convert --kind lpips --src vgg.pth "
              f"--vgg16 {VGG16_SOURCE_FILE} --dst {path or 'lpips_vgg.npz'}\n")
   return (steps + "(no PyTorch needed) and set --config.train.perceptual_weights to the .npz. "
           "An LPIPS .npz serves both losses.")
@@ -142,24 +144,19 @@ def missing_weights_message(path: str, kind: str) -> str:
           + how_to_convert(path, kind))
 
 
-def check_weights(flat: Dict[Tuple[str, ...], np.ndarray], source: str) -> bool:
-  """Raises ValueError unless `flat` is the VGG16 trunk, optionally with all LPIPS heads (all
-  non-negative); returns whether the heads are there."""
-  with_heads = any(path[0] == "lpips" for path in flat)
-  expected = weight_shapes(with_heads)
-  missing = sorted("/".join(p) for p in expected.keys() - flat.keys())
-  unexpected = sorted("/".join(p) for p in flat.keys() - expected.keys())
-  if missing or unexpected:
-    raise ValueError(f"{source} is not a converted VGG16{' + LPIPS' if with_heads else ''} file: "
-                     f"missing {len(missing)} arrays {missing[:5]}, unexpected {len(unexpected)} "
-                     f"{unexpected[:5]}")
-  for path, shape in expected.items():
-    if tuple(np.shape(flat[path])) != shape:
-      raise ValueError(f"{source}: {'/'.join(path)} has shape {tuple(np.shape(flat[path]))}; "
-                       f"expected {shape}")
-    if path[0] == "lpips" and np.min(flat[path]) < 0:
-      raise ValueError(f"{source}: LPIPS head {path[1]} has negative weights (min "
-                       f"{np.min(flat[path]):.3g}); LPIPS's heads are non-negative")
+def check_weights(flat, source: str) -> bool:
+  """Raises ValueError unless `flat` (keys: '/'-joined paths or tuples, or a nested tree) is the
+  VGG16 trunk, optionally with all LPIPS heads, all non-negative; returns whether the heads are
+  there, so that a wrong file fails before training starts."""
+  flat = npz.flat_paths(flat)
+  with_heads = any(path.split("/")[0] == "lpips" for path in flat)
+  npz.check_shapes(flat, weight_shapes(with_heads),
+                   f"{source} is not a converted VGG16{' + LPIPS' if with_heads else ''} file")
+  for head in HEAD_NAMES if with_heads else ():
+    value = flat[f"lpips/{head}"]
+    if np.min(value) < 0:
+      raise ValueError(f"{source}: LPIPS head {head} has negative weights (min "
+                       f"{np.min(value):.3g}); LPIPS's heads are non-negative")
   return with_heads
 
 
@@ -172,27 +169,120 @@ def load_weights(path: str, kind: str = "lpips"):
   if kind not in KINDS:
     raise ValueError(f"perceptual distance {kind!r}; expected one of {KINDS}")
   path = os.path.expanduser(path)
-  if not path or not os.path.isfile(path):
-    raise FileNotFoundError(missing_weights_message(path, kind))
-  with np.load(path, allow_pickle=False) as npz:
-    flat = {tuple(k.split("/")): np.asarray(npz[k], np.float32) for k in npz.files}
+  flat = {p: np.asarray(v, np.float32)
+          for p, v in npz.load(path, missing_weights_message(path, kind)).items()}
   with_heads = check_weights(flat, source=path)
   if kind == "lpips" and not with_heads:
     raise ValueError(f"{path} holds only the VGG16 trunk; train.loss='lpips' also needs the "
                      "LPIPS heads. " + how_to_convert("lpips_vgg.npz", kind))
   if kind == "vgg":
-    flat = {p: v for p, v in flat.items() if p[0] == "vgg"}
-  return flax.traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in flat.items()})
+    flat = {p: v for p, v in flat.items() if p.split("/")[0] == "vgg"}
+  return trees.unflatten({p: jnp.asarray(v) for p, v in flat.items()})
 
 
 def write_random_weights(path: str, kind: str, seed: int = 0) -> str:
   """A converted-format .npz of random VGG16 (+ LPIPS heads for "lpips") weights at `path`:
   the real file's shapes and cost, for benchmarks and memory estimates without the download."""
   rng = np.random.default_rng(seed)
-  flat = {"/".join(p): (0.01 * np.abs(rng.standard_normal(shape))).astype(np.float32)
-          for p, shape in weight_shapes(kind == "lpips").items()}
-  np.savez(path, **flat)
+  npz.save(path, {p: 0.01 * np.abs(rng.standard_normal(shape))
+                  for p, shape in weight_shapes(kind == "lpips").items()})
   return path
+
+
+# --- conversion from torchvision's and LPIPS's .pth -----------------------------------------------
+
+PUBLISHED_VGG16_SHA256_PREFIX = "397923af"
+# torchvision's vgg16 classifier, accepted and dropped: Linear(512*7*7, 4096), Linear(4096, 4096),
+# Linear(4096, 1000).
+_VGG16_CLASSIFIER = {
+    "classifier.0.weight": (4096, 512 * 7 * 7), "classifier.0.bias": (4096,),
+    "classifier.3.weight": (4096, 4096), "classifier.3.bias": (4096,),
+    "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,),
+}
+# LPIPS's ScalingLayer buffers, each of shape (1, 3, 1, 1) in a whole state dict.
+_SCALING_BUFFERS = {"scaling_layer.shift": LPIPS_SHIFT, "scaling_layer.scale": LPIPS_SCALE}
+
+
+def _torch_conv_names(prefix_of_block) -> Dict[str, Tuple[str, ...]]:
+  """{torch name: flax path} of the trunk; prefix_of_block(b) is the torch module prefix of
+  block b (0-based), since LPIPS's slices keep torchvision's feature indices."""
+  names = {}
+  for conv, index in vgg.torch_feature_indices().items():
+    block = int(conv[len("conv")]) - 1
+    names[f"{prefix_of_block(block)}{index}.weight"] = (conv, "kernel")
+    names[f"{prefix_of_block(block)}{index}.bias"] = (conv, "bias")
+  return names
+
+
+TORCHVISION_NAMES = _torch_conv_names(lambda block: "features.")
+LPIPS_TRUNK_NAMES = _torch_conv_names(lambda block: f"net.slice{block + 1}.")
+LPIPS_HEAD_NAMES = {f"{head}.model.1.weight": head for head in HEAD_NAMES}
+# LPIPS also registers its heads in a ModuleList, so a whole state dict names each twice.
+LPIPS_HEAD_ALIASES = {f"lins.{i}.model.1.weight": name
+                      for i, name in enumerate(LPIPS_HEAD_NAMES)}
+
+
+def _trunk_torch_shapes(names: Dict[str, Tuple[str, ...]]) -> Dict[str, Tuple[int, ...]]:
+  return torch_layout.torch_shapes(names, vgg.param_shapes())
+
+
+def _trunk(state_dict, names: Dict[str, Tuple[str, ...]]):
+  """Flax `VGG16Features` params from the (shape-checked) entries `names` of a state dict."""
+  return trees.unflatten({"/".join(p): v
+                          for p, v in torch_layout.to_flax(state_dict, names).items()})
+
+
+def vgg16_from_state_dict(state_dict: Dict[str, np.ndarray], source: str = "state dict"):
+  """{"vgg": trunk params} from torchvision's vgg16 state dict (its classifier dropped); a
+  ValueError listing what does not fit for anything else, so no other network is misread."""
+  given = {k: v for k, v in state_dict.items()
+           if not (k in _VGG16_CLASSIFIER and tuple(np.shape(v)) == _VGG16_CLASSIFIER[k])}
+  npz.check_shapes(given, _trunk_torch_shapes(TORCHVISION_NAMES),
+                   f"{source} is not torchvision's VGG16 state dict ({VGG16_SOURCE_FILE})")
+  return {"vgg": _trunk(state_dict, TORCHVISION_NAMES)}
+
+
+def lpips_from_state_dict(state_dict: Dict[str, np.ndarray], trunk=None,
+                          source: str = "state dict"):
+  """{"vgg": trunk, "lpips": heads} from LPIPS's heads file plus `trunk` ({"vgg": params}), or
+  from a whole `lpips.LPIPS(net='vgg')` state dict (trunk=None); a ValueError listing what does
+  not fit otherwise, so no other network is misread."""
+  whole = any(k.startswith("net.") for k in state_dict)
+  expected = {name: (1, c, 1, 1) for name, c in zip(LPIPS_HEAD_NAMES, vgg.TAP_CHANNELS)}
+  if whole:
+    expected.update(_trunk_torch_shapes(LPIPS_TRUNK_NAMES))
+    expected.update({name: (1, 3, 1, 1) for name in _SCALING_BUFFERS})
+  given = {k: v for k, v in state_dict.items() if k not in LPIPS_HEAD_ALIASES}
+  npz.check_shapes(given, expected,
+                   f"{source} is not LPIPS(net='vgg') weights (its heads file {LPIPS_SOURCE_FILE}, "
+                   "or a whole LPIPS(net='vgg') state dict)")
+  for alias, name in LPIPS_HEAD_ALIASES.items():
+    if alias in state_dict and not np.array_equal(state_dict[alias], state_dict[name]):
+      raise ValueError(f"{source}: {alias} differs from {name}; LPIPS holds one set of heads")
+  for name, value in _SCALING_BUFFERS.items():
+    if whole and not np.array_equal(np.asarray(state_dict[name]).reshape(-1), value):
+      raise ValueError(f"{source}: {name} is {np.asarray(state_dict[name]).reshape(-1)}; LPIPS "
+                       f"v0.1 has {value}")
+  if whole and trunk is not None:
+    raise ValueError(f"{source} already holds the VGG16 trunk; give --vgg16 only with the "
+                     "heads-only file")
+  if not whole and trunk is None:
+    raise ValueError(f"{source} holds only the LPIPS heads; the VGG16 trunk must come from "
+                     f"torchvision's {VGG16_SOURCE_FILE} ({VGG16_URL}): pass it with --vgg16")
+  trunk = {"vgg": _trunk(state_dict, LPIPS_TRUNK_NAMES)} if whole else trunk
+  heads = {head: np.asarray(state_dict[name], np.float32).reshape(-1)
+           for name, head in LPIPS_HEAD_NAMES.items()}
+  weights = {"vgg": trunk["vgg"], "lpips": heads}
+  check_weights(weights, source)
+  return weights
+
+
+def read_vgg16(path: str):
+  """{"vgg": trunk} from torchvision's .pth or from an .npz converted before (vgg16 or lpips),
+  so that the LPIPS heads can be joined to a trunk in either form."""
+  if path.endswith(".npz"):
+    return {"vgg": load_weights(path, "vgg")["vgg"]}
+  return vgg16_from_state_dict(torch_pickle.load_state_dict(path), source=path)
 
 
 def distance_from_file(kind: str, path: str) -> Callable:

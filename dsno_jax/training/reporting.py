@@ -1,17 +1,16 @@
 """Run reports with clu: TensorBoard and console metrics, progress, parameter table, sample grids."""
-import os
-
 import jax
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from dsno_jax.evaluation import pictures
+from dsno_jax import pictures
+from dsno_jax.workdir import Workdir
 
 
 def make_writer(workdir: str, role: str) -> metric_writers.MetricWriter:
   """TensorBoard events under WORKDIR/logs/ROLE plus console logging (process 0 writes)."""
   return metric_writers.create_default_writer(
-      os.path.join(workdir, "logs", role), just_logging=jax.process_index() > 0)
+      Workdir(workdir).logs(role), just_logging=jax.process_index() > 0)
 
 
 def progress(num_steps: int, writer) -> periodic_actions.ReportProgress:
@@ -30,7 +29,7 @@ def log_parameters(params) -> None:
 def write_samples(writer, workdir: str, role: str, step: int, images: np.ndarray) -> str:
   """A PNG grid at WORKDIR/samples/ROLE_STEP.png and a TensorBoard image; returns the path."""
   grid = pictures.image_grid(images)
-  path = os.path.join(workdir, "samples", f"{role}_{step:08d}.png")
+  path = Workdir(workdir).training_samples(role, step)
   if jax.process_index() == 0:
     pictures.save_png(grid, path)
   writer.write_images(step, {"samples": grid[None]})

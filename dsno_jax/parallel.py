@@ -1,6 +1,6 @@
-"""Device mesh, parameter and batch shardings, per-host input, and multi-process start-up."""
+"""Device mesh, shardings, per-host input, gathering to the host, and multi-process start-up."""
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -137,9 +137,28 @@ def compile_in_lockstep(jitted, *args, name: str = "compiled"):
   return compiled
 
 
-def local_batch_size(global_batch_size: int) -> int:
-  """Rows of the global batch that this host feeds."""
-  if global_batch_size % jax.process_count():
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
-  return global_batch_size // jax.process_count()
+def to_host(tree, mesh: Mesh):
+  """Global arrays (replicated or sharded, on one or several processes) -> numpy, on every host."""
+  gather = jax.jit(lambda t: t, out_shardings=replicated(mesh))
+  tree = compile_in_lockstep(gather, tree, name="to_host")(tree)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def draw(fn: Callable, params, num_examples: int, batch_size: int, mesh: Mesh) -> Tuple:
+  """fn(params, indices (B,) on `data`) -> a tuple of (B, ...) arrays, for indices
+  0..num_examples-1 in batches of batch_size; returns the tuple as numpy, on every host.
+
+  `fn` is jitted by the caller with `params` replicated; the last batch is padded with further
+  indices and trimmed, so every example's value depends only on its index.
+  """
+  check_batch_size(batch_size, mesh)
+  params = jax.device_put(params, replicated(mesh))
+  data = batch_sharding(mesh)
+  gather = jax.jit(lambda *a: a, out_shardings=replicated(mesh))
+  pieces = []
+  for start in range(0, num_examples, batch_size):
+    indices = jax.device_put(np.arange(start, start + batch_size, dtype=np.int32), data)
+    outputs = gather(*fn(params, indices))
+    pieces.append(tuple(np.asarray(a.addressable_data(0)) for a in outputs))
+  return tuple(np.concatenate(p)[:num_examples] for p in zip(*pieces))
+

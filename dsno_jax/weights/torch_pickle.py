@@ -1,7 +1,7 @@
 """Reads PyTorch `.pth` tensor files into numpy without torch, through a restricted unpickler.
 
 A `.pth` is a pickle, and unpickling runs whatever callables the file names, so weight files
-are untrusted input (SPEC 7). This reader admits only the globals that a tensor state dict
+are untrusted input. This reader admits only the globals that a tensor state dict
 needs, each mapped to a numpy rebuilder of our own; any other global is refused with
 `ForbiddenGlobalError` before anything is called. Both of torch's formats are read:
 - zip (torch >= 1.6): `<name>/data.pkl` plus one raw little-endian record `<name>/data/<key>`
@@ -18,7 +18,7 @@ import struct
 import zipfile
 from typing import Any, Dict, Optional
 
-import ml_dtypes
+import jax
 import numpy as np
 
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -28,7 +28,7 @@ _STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
     "FloatStorage": np.float32,
     "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16,
+    "BFloat16Storage": jax.dtypes.bfloat16,
     "LongStorage": np.int64,
     "IntStorage": np.int32,
     "ShortStorage": np.int16,

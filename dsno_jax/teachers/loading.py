@@ -1,7 +1,6 @@
-"""Model checkpoints: orbax exports (parameters + config) and the import of teachers."""
+"""The configured teacher: a UNet (Progressive Distillation checkpoint or export) or a mixture."""
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any, Callable, Dict, Tuple
 
@@ -10,71 +9,13 @@ import flax
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from dsno_jax import diffusion, models, teachers
+from dsno_jax import diffusion, models, trees
+from dsno_jax.models import io as model_io
+from dsno_jax.teachers import exact
+from dsno_jax.workdir import Workdir, resolve
 
-ROLES = ("teacher", "student", "classifier")
 TEACHER_KINDS = ("unet", "digits_mixture")  # config.teacher.kind
-_META = "model.json"
-_PARAMS = "params"
-
-
-def save_model(path: str, params, config, role: str) -> str:
-  """Writes `path/params` (orbax) and `path/model.json` (role + config); returns path.
-
-  Written to a temporary sibling and renamed, so an existing export is never half-replaced.
-  """
-  if role not in ROLES:
-    raise ValueError(f"role={role!r}; expected one of {ROLES}")
-  path = os.path.abspath(path)
-  tmp = path + ".tmp"
-  if jax.process_index() == 0 and os.path.exists(tmp):
-    import shutil
-    shutil.rmtree(tmp)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(tmp, _PARAMS), jax.tree_util.tree_map(np.asarray, params))
-  checkpointer.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(tmp, _META), "w") as f:
-      json.dump({"format": "dsno_jax.model", "role": role, "config": json.loads(config.to_json())},
-                f, indent=1)
-    if os.path.exists(path):
-      os.rename(path, path + ".old")
-    os.rename(tmp, path)
-    if os.path.exists(path + ".old"):
-      import shutil
-      shutil.rmtree(path + ".old")
-  if jax.process_count() > 1:  # no process may read the export before process 0 renamed it
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"save_model {path}")
-  return path
-
-
-def read_model_meta(path: str) -> Dict:
-  meta_file = os.path.join(path, _META)
-  if not os.path.isfile(meta_file):
-    raise FileNotFoundError(f"{path} is not a dsno_jax model export: {meta_file} is missing")
-  with open(meta_file) as f:
-    try:
-      meta = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{meta_file} is corrupt ({e}); expected the JSON that save_model writes")
-  if meta.get("format") != "dsno_jax.model" or meta.get("role") not in ROLES:
-    raise ValueError(f"{meta_file} is not a dsno_jax model export (format={meta.get('format')!r},"
-                     f" role={meta.get('role')!r})")
-  return meta
-
-
-def load_model(path: str) -> Tuple[Dict, ml_collections.ConfigDict, str]:
-  """(params as numpy arrays, the config that builds them, role) of a `save_model` export."""
-  meta = read_model_meta(path)
-  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), _PARAMS))
-  config = ml_collections.ConfigDict(meta["config"])
-  return params, config, meta["role"]
-
-
-# --- teacher import -----------------------------------------------------------------------
 # Fields that change what a teacher computes without changing its parameter shapes.
 _TEACHER_FUNCTION_FIELDS = ("teacher.mean_type", "model.logsnr_input_type", "data.image_size",
                             "data.channels", "data.num_classes")
@@ -91,7 +32,7 @@ def load_teacher(config, workdir: str) -> Tuple[Callable, str]:
   """
   _check_kind(config)
   if not config.teacher.checkpoint and config.teacher.kind == "digits_mixture":
-    mixture = teachers.digits_mixture(config.data.image_size)
+    mixture = exact.digits_mixture(config.data.image_size)
     if mixture.means.shape[1:] != (config.data.image_size,) * 2 + (config.data.channels,):
       raise ValueError(f"the digits mixture has images {mixture.means.shape[1:]}; config.data "
                        f"asks for {config.data.image_size}x{config.data.image_size}x"
@@ -116,7 +57,7 @@ def load_teacher_params(config, workdir: str) -> Tuple[Dict, str]:
   """
   _check_kind(config)
   if config.teacher.checkpoint:
-    path = os.path.abspath(config.teacher.checkpoint)
+    path = resolve(config.teacher.checkpoint)
     if os.path.isdir(path):
       params, source = _params_from_export(path, config), "dsno_jax_export"
     elif os.path.isfile(path):
@@ -124,12 +65,13 @@ def load_teacher_params(config, workdir: str) -> Tuple[Dict, str]:
     else:
       raise FileNotFoundError(
           f"config.teacher.checkpoint={config.teacher.checkpoint!r} does not exist; expected a "
-          "Progressive Distillation msgpack file or a directory written by save_model")
+          "Progressive Distillation msgpack file or a directory written by save_model "
+          "(dsno_jax.models.io)")
   elif config.teacher.kind == "digits_mixture":
     raise ValueError("config.teacher.kind='digits_mixture' is an exact teacher with no UNet "
                      "parameters; set teacher.kind='unet' or teacher.checkpoint")
   else:
-    path = os.path.abspath(os.path.join(workdir, "teacher"))
+    path = Workdir(workdir).teacher_export
     if not os.path.isdir(path):
       raise FileNotFoundError(
           f"no teacher: {path} does not exist. Run --mode=train_teacher first, or set "
@@ -184,36 +126,22 @@ def check_teacher_params(params, config, *, allow_reshape: bool = False) -> Dict
   merged axes, as their own loader accounts for) an entry with the right number of elements
   is reshaped.
   """
-  expected = flax.traverse_util.flatten_dict(
-      _to_dict(models.param_shapes(models.init_teacher, config)))
   if not isinstance(params, dict):
     raise ValueError(f"teacher parameters are a {type(params).__name__}; expected a nested dict")
-  given = flax.traverse_util.flatten_dict(_to_dict(params))
-  missing = sorted("/".join(p) for p in expected if p not in given)
-  unexpected = sorted("/".join(p) for p in given if p not in expected)
-  wrong, out = [], {}
-  for path, spec in expected.items():
-    if path not in given:
-      continue
-    value = np.asarray(given[path])
-    if value.shape != spec.shape:
-      if allow_reshape and _merges_axes(value.shape, spec.shape):
-        logging.info("teacher import: reshaped %s from %s to %s", "/".join(path), value.shape,
-                     spec.shape)
-        value = value.reshape(spec.shape)
-      else:
-        wrong.append(f"{'/'.join(path)}: {value.shape}, expected {spec.shape}")
-        continue
-    if not np.issubdtype(value.dtype, np.floating):
-      wrong.append(f"{'/'.join(path)}: dtype {value.dtype}, expected a float")
-      continue
-    out[path] = value.astype(np.float32)
-  if missing or unexpected or wrong:
-    raise ValueError(
-        "teacher parameters do not fit the teacher of this config "
-        f"(models.teacher_from_config):\n  missing: {missing}\n  unexpected: {unexpected}\n"
-        f"  wrongly shaped: {wrong}")
-  return flax.traverse_util.unflatten_dict(out)
+  expected = trees.shapes(models.param_shapes(models.init_teacher, config))
+  given = {path: np.asarray(value) for path, value in trees.flatten(_to_dict(params)).items()}
+  for path, value in given.items():
+    if allow_reshape and path in expected and _merges_axes(value.shape, expected[path]):
+      logging.info("teacher import: reshaped %s from %s to %s", path, value.shape, expected[path])
+      given[path] = value.reshape(expected[path])
+  mismatch = trees.compare(trees.shapes(given), expected)
+  not_float = [f"{path}: dtype {value.dtype}, expected a float" for path, value in given.items()
+               if not np.issubdtype(value.dtype, np.floating)]
+  if mismatch or not_float:
+    mismatch = mismatch._replace(wrong=mismatch.wrong + not_float)
+    raise ValueError("teacher parameters do not fit the teacher of this config "
+                     f"(models.teacher_from_config):\n{mismatch.describe()}")
+  return trees.unflatten({path: value.astype(np.float32) for path, value in given.items()})
 
 
 def _merges_axes(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
@@ -226,9 +154,10 @@ def _merges_axes(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
 
 def _params_from_export(path: str, config) -> Dict:
   try:
-    meta = read_model_meta(path)
+    meta = model_io.read_model_meta(path)
   except (FileNotFoundError, ValueError) as e:
-    raise ValueError(f"{path}: expected a teacher directory written by save_model ({e})") from e
+    raise ValueError(f"{path}: expected a teacher directory written by save_model "
+                     f"(dsno_jax.models.io) ({e})") from e
   if meta["role"] != "teacher":
     raise ValueError(f"{path} is a {meta['role']} export; expected role 'teacher'")
   saved = ml_collections.ConfigDict(meta["config"])
@@ -239,7 +168,7 @@ def _params_from_export(path: str, config) -> Dict:
       differ.append(f"{field}: saved {a!r}, config {b!r}")
   if differ:
     raise ValueError(f"the teacher in {path} was built with another config: {differ}")
-  params, _, _ = load_model(path)
+  params, _, _ = model_io.load_model(path)
   return check_teacher_params(params, config)
 
 

@@ -1,4 +1,4 @@
-"""Mode `generate`: solve the teacher's PF-ODE from seeded noise and write the trajectory dataset."""
+"""The teacher's trajectories: solve its PF-ODE from seeded noise and write the trajectory dataset."""
 import functools
 import os
 import time
@@ -11,53 +11,38 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from dsno_jax import diffusion, model_io, ode
+from dsno_jax import diffusion, ode, parallel
+from dsno_jax.data import noise as noise_lib
 from dsno_jax.data import trajectories
-from dsno_jax.training import sharding
+from dsno_jax.teachers import loading
+from dsno_jax.workdir import Workdir
 
 _LOG_EVERY_S = 10.0
 
 
-def trajectory_dir(config, workdir: str) -> str:
-  return os.path.abspath(config.trajectory.dir or os.path.join(workdir, "trajectories"))
-
-
-def example_inputs(indices, *, seed: int, image_shape: Tuple[int, ...], num_classes: int):
-  """(noise (B, H, W, C), labels (B,) int32) of examples `indices` (B,); jit-able.
-
-  Example i's noise is drawn from fold_in(PRNGKey(seed), i) and its label (uniform over
-  classes; 0 when unconditional) from fold_in of that key with 1, so any example can be
-  regenerated alone.
-  """
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(indices)
-  noise = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(keys)
-  if num_classes > 1:
-    labels = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0,
-                                                   num_classes, jnp.int32))(keys)
-  else:
-    labels = jnp.zeros(indices.shape, jnp.int32)
-  return noise, labels
-
-
 def plan_from_config(config, teacher_identity: str) -> Dict:
   """Everything that determines the dataset's contents (recorded as its metadata)."""
-  g = config.trajectory
-  s, c = config.data.image_size, config.data.channels
+  trajectory = config.trajectory
+  size, channels = config.data.image_size, config.data.channels
   return {
       "format": "dsno_jax.trajectories/1",
-      "num_examples": int(g.num_examples), "shard_size": int(g.shard_size),
-      "image_shape": [s, s, c], "num_classes": int(config.data.num_classes),
-      "num_times": len(g.save_times), "save_times": [float(t) for t in g.save_times],
+      "num_examples": int(trajectory.num_examples), "shard_size": int(trajectory.shard_size),
+      "image_shape": [size, size, channels], "num_classes": int(config.data.num_classes),
+      "num_times": len(trajectory.save_times),
+      "save_times": [float(t) for t in trajectory.save_times],
       "logsnrs": [float(v) for v in diffusion.save_logsnrs(config)],
       "logsnr_min": float(config.diffusion.logsnr_min),
       "logsnr_max": float(config.diffusion.logsnr_max),
-      "solver": g.solver, "grid": g.grid, "num_steps": int(g.num_steps),
+      "solver": trajectory.solver, "grid": trajectory.grid,
+      "num_steps": int(trajectory.num_steps),
       # ODE evaluations per trajectory (None for adaptive solvers), plus K for the targets
-      "nfe": ode.nfe(g.solver, g.num_steps, g.grid, tuple(g.save_times),
-                     config.diffusion.logsnr_min, config.diffusion.logsnr_max),
-      "target_nfe": len(g.save_times),
-      "rtol": float(g.rtol), "atol": float(g.atol),
-      "teacher": teacher_identity, "seed": int(config.seed), "targets_dtype": g.targets_dtype,
+      "nfe": ode.nfe(trajectory.solver, trajectory.num_steps, trajectory.grid,
+                     tuple(trajectory.save_times), config.diffusion.logsnr_min,
+                     config.diffusion.logsnr_max),
+      "target_nfe": len(trajectory.save_times),
+      "rtol": float(trajectory.rtol), "atol": float(trajectory.atol),
+      "teacher": teacher_identity, "seed": int(config.seed),
+      "targets_dtype": trajectory.targets_dtype,
   }
 
 
@@ -66,13 +51,14 @@ def make_solve(config, mesh: Mesh):
 
   Cached on the settings, so generating again in one process does not recompile.
   """
-  g = config.trajectory
+  trajectory = config.trajectory
   return _make_solve(
       mesh, seed=int(config.seed),
       image_shape=(config.data.image_size, config.data.image_size, config.data.channels),
       num_classes=int(config.data.num_classes),
-      save_times=tuple(float(t) for t in g.save_times), solver=g.solver,
-      num_steps=int(g.num_steps), grid=g.grid, rtol=float(g.rtol), atol=float(g.atol),
+      save_times=tuple(float(t) for t in trajectory.save_times), solver=trajectory.solver,
+      num_steps=int(trajectory.num_steps), grid=trajectory.grid, rtol=float(trajectory.rtol),
+      atol=float(trajectory.atol),
       logsnr_min=float(config.diffusion.logsnr_min),
       logsnr_max=float(config.diffusion.logsnr_max))
 
@@ -80,7 +66,7 @@ def make_solve(config, mesh: Mesh):
 @functools.lru_cache(maxsize=8)
 def _make_solve(mesh: Mesh, *, seed, image_shape, num_classes, save_times, **solver_args):
   def solve(denoise, indices):
-    noise, labels = example_inputs(indices, seed=seed, image_shape=image_shape,
+    noise, labels = noise_lib.example_inputs(indices, seed=seed, image_shape=image_shape,
                                    num_classes=num_classes)
     targets = ode.trajectory(denoise, noise, save_times,
                              y=labels if num_classes > 1 else None, **solver_args)
@@ -149,10 +135,10 @@ def generate(config, workdir: str, *, devices=None) -> str:
   every device of every host, in process order) form the `data` mesh. With several hosts
   the directory must be on a file system that every host sees.
   """
-  sharding.initialize_distributed(config)
-  directory = trajectory_dir(config, workdir)
-  g = config.trajectory
-  denoise, identity = model_io.load_teacher(config, workdir)
+  parallel.initialize_distributed(config)
+  directory = Workdir(workdir).trajectories(config)
+  settings = config.trajectory
+  denoise, identity = loading.load_teacher(config, workdir)
   plan = plan_from_config(config, identity)
   is_leader = jax.process_index() == 0
   complete = trajectories.prepare(directory, plan, write=is_leader)
@@ -163,14 +149,14 @@ def generate(config, workdir: str, *, devices=None) -> str:
     logging.info("trajectories: %s is already complete", directory)
     return directory
 
-  mesh = sharding.make_mesh() if devices is None else Mesh(np.asarray(devices), ("data",))
-  if g.batch_size % mesh.size:
-    raise ValueError(f"config.trajectory.batch_size={g.batch_size} must be a multiple of the "
+  mesh = parallel.make_mesh() if devices is None else Mesh(np.asarray(devices), ("data",))
+  if settings.batch_size % mesh.size:
+    raise ValueError(f"config.trajectory.batch_size={settings.batch_size} must be a multiple of the "
                      f"device count {mesh.size}")
-  local_batch = g.batch_size // jax.process_count()
-  if g.shard_size % local_batch:
+  local_batch = settings.batch_size // jax.process_count()
+  if settings.shard_size % local_batch:
     logging.warning("trajectories: shard_size=%d is not a multiple of the per-host batch %d; "
-                    "the last batch of every shard is padded (wasted work)", g.shard_size,
+                    "the last batch of every shard is padded (wasted work)", settings.shard_size,
                     local_batch)
   chunks = _host_chunks(plan, trajectories.existing_shards(directory, plan), local_batch)
   # Every host must join every solve; hosts with fewer pieces pad with dummy batches.

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from dsno_jax import diffusion, model_io, models, teachers
+from dsno_jax import diffusion, models, teachers
+from dsno_jax.models import io as model_io
+from dsno_jax.teachers import loading
 
 
 def _tiny():
@@ -64,9 +66,9 @@ def test_pd_msgpack_gives_the_same_denoiser(teacher, tmp_path):
   params, inputs, x_hat = teacher
   config = _tiny()
   config.teacher.checkpoint = _pd_checkpoint(tmp_path / "pd.msgpack", params)
-  denoise, identity = model_io.load_teacher(config, str(tmp_path / "unused"))
+  denoise, identity = loading.load_teacher(config, str(tmp_path / "unused"))
   assert identity == ("unet:pd_msgpack:mean_type=eps:clip_x=True:params_sha256="
-                      + model_io.params_digest(params))
+                      + loading.params_digest(params))
   got = np.asarray(_apply(denoise, *inputs))
   np.testing.assert_allclose(got, x_hat, rtol=1e-4, atol=1e-4)
   assert np.mean(np.abs(x_hat) < 0.99) > 0.5  # mostly not clipped: a real comparison
@@ -80,7 +82,7 @@ def test_pd_msgpack_with_merged_kernel_axes_is_reshaped(teacher, tmp_path):
   flat[q] = flat[q].reshape(flat[q].shape[0], -1)  # as older flax stored DenseGeneral kernels
   config.teacher.checkpoint = _pd_checkpoint(tmp_path / "old.msgpack",
                                              flax.traverse_util.unflatten_dict(flat))
-  denoise, _ = model_io.load_teacher(config, "")
+  denoise, _ = loading.load_teacher(config, "")
   np.testing.assert_allclose(np.asarray(_apply(denoise, *inputs)), x_hat, rtol=1e-4, atol=1e-4)
 
 
@@ -88,16 +90,16 @@ def test_save_model_export_and_workdir_teacher(teacher, tmp_path):
   params, inputs, x_hat = teacher
   config = _tiny()
   with pytest.raises(FileNotFoundError, match="Run --mode=train_teacher first"):
-    model_io.load_teacher(config, str(tmp_path))
+    loading.load_teacher(config, str(tmp_path))
   model_io.save_model(str(tmp_path / "teacher"), params, config, role="teacher")
-  denoise, identity = model_io.load_teacher(config, str(tmp_path))  # WORKDIR/teacher
+  denoise, identity = loading.load_teacher(config, str(tmp_path))  # WORKDIR/teacher
   np.testing.assert_allclose(np.asarray(_apply(denoise, *inputs)), x_hat, rtol=1e-4, atol=1e-4)
   config.teacher.checkpoint = str(tmp_path / "teacher")
-  denoise2, identity2 = model_io.load_teacher(config, "")
+  denoise2, identity2 = loading.load_teacher(config, "")
   assert identity == identity2 and identity.startswith("unet:dsno_jax_export:")
   np.testing.assert_array_equal(np.asarray(_apply(denoise2, *inputs)),
                                 np.asarray(_apply(denoise, *inputs)))
-  params2, identity3 = model_io.load_teacher_params(config, "")
+  params2, identity3 = loading.load_teacher_params(config, "")
   assert identity3 == identity
   for a, b in zip(jax.tree_util.tree_leaves(params2), jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(a, b)
@@ -106,11 +108,11 @@ def test_save_model_export_and_workdir_teacher(teacher, tmp_path):
   other.teacher.mean_type = "v"
   other.teacher.checkpoint = config.teacher.checkpoint
   with pytest.raises(ValueError, match="teacher.mean_type: saved 'eps', config 'v'"):
-    model_io.load_teacher(other, "")
+    loading.load_teacher(other, "")
   model_io.save_model(str(tmp_path / "student"), params, config, role="student")
   config.teacher.checkpoint = str(tmp_path / "student")
   with pytest.raises(ValueError, match="student export; expected role 'teacher'"):
-    model_io.load_teacher(config, "")
+    loading.load_teacher(config, "")
 
 
 def test_checkpoint_of_another_config_lists_every_mismatch(tmp_path):
@@ -123,7 +125,7 @@ def test_checkpoint_of_another_config_lists_every_mismatch(tmp_path):
                                         models.param_shapes(models.init_teacher, other))
   config.teacher.checkpoint = _pd_checkpoint(tmp_path / "other.msgpack", other_params)
   with pytest.raises(ValueError) as error:
-    model_io.load_teacher(config, "")
+    loading.load_teacher(config, "")
   message = str(error.value)
   assert "missing: [" in message and "'down_1.attn_0/q/kernel'" in message
   assert "unexpected: [" in message and "'down_0.block_1/conv1/kernel'" in message
@@ -131,9 +133,9 @@ def test_checkpoint_of_another_config_lists_every_mismatch(tmp_path):
 
 
 def test_merged_axes_are_reshaped_but_transposes_are_not():
-  assert model_io._merges_axes((32, 64), (32, 1, 64)) and model_io._merges_axes((6, 4), (2, 3, 4))
-  assert not model_io._merges_axes((32, 64), (64, 32))
-  assert not model_io._merges_axes((6, 4), (4, 3, 2))  # same size, different layout
+  assert loading._merges_axes((32, 64), (32, 1, 64)) and loading._merges_axes((6, 4), (2, 3, 4))
+  assert not loading._merges_axes((32, 64), (64, 32))
+  assert not loading._merges_axes((6, 4), (4, 3, 2))  # same size, different layout
 
 
 @pytest.mark.parametrize("content", [
@@ -147,7 +149,7 @@ def test_files_that_are_not_checkpoints_get_a_clear_error(content, tmp_path):
   config = _tiny()
   config.teacher.checkpoint = str(path)
   with pytest.raises(ValueError, match="expected a Progressive Distillation checkpoint"):
-    model_io.load_teacher(config, "")
+    loading.load_teacher(config, "")
 
 
 class _Trap:
@@ -167,7 +169,7 @@ def test_a_pickle_is_refused_and_never_executed(tmp_path):
   config = _tiny()
   config.teacher.checkpoint = str(path)
   with pytest.raises(ValueError, match="not a flax msgpack file"):
-    model_io.load_teacher(config, "")
+    loading.load_teacher(config, "")
   assert not marker.exists()
 
 
@@ -177,21 +179,21 @@ def test_msgpack_without_ema_params_and_missing_paths(tmp_path):
   path.write_bytes(flax.serialization.to_bytes({"step": 3, "params": {"w": np.ones(2)}}))
   config.teacher.checkpoint = str(path)
   with pytest.raises(ValueError, match=r"holds \['params', 'step'\], with no 'ema_params'"):
-    model_io.load_teacher(config, "")
+    loading.load_teacher(config, "")
   config.teacher.checkpoint = str(tmp_path / "nope.msgpack")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    model_io.load_teacher(config, "")
+    loading.load_teacher(config, "")
   empty_dir = tmp_path / "empty"
   empty_dir.mkdir()
   config.teacher.checkpoint = str(empty_dir)
   with pytest.raises(ValueError, match="expected a teacher directory written by save_model"):
-    model_io.load_teacher(config, "")
+    loading.load_teacher(config, "")
 
 
 def test_digits_mixture_teacher_and_bad_kind():
   config = _tiny()
   config.teacher.kind = "digits_mixture"
-  denoise, identity = model_io.load_teacher(config, "")
+  denoise, identity = loading.load_teacher(config, "")
   assert identity == "digits_mixture:image_size=8"
   z = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
   logsnr, y = jnp.array([0.0, 2.0]), jnp.array([1, 5])
@@ -199,7 +201,7 @@ def test_digits_mixture_teacher_and_bad_kind():
   np.testing.assert_allclose(np.asarray(_apply(denoise, z, logsnr, y)), np.asarray(want),
                              rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="no UNet parameters"):
-    model_io.load_teacher_params(config, "")
+    loading.load_teacher_params(config, "")
   config.teacher.kind = "vae"
   with pytest.raises(ValueError, match=r"teacher.kind='vae'; expected one of \('unet', "):
-    model_io.load_teacher(config, "")
+    loading.load_teacher(config, "")

@@ -1,0 +1,45 @@
+"""Exports of the trained networks side by side: the EMA teacher and the EMA student."""
+from typing import Dict, Tuple
+
+from absl import logging
+import ml_collections
+
+from dsno_jax import models, parallel
+from dsno_jax.models import io as model_io
+from dsno_jax.training import checkpoints
+from dsno_jax.workdir import Workdir
+
+
+def export_teacher(config, workdir: str, ema_params) -> str:
+  """Writes the EMA teacher (global arrays, any sharding) to WORKDIR/teacher; returns its path."""
+  ema = parallel.to_host(ema_params, parallel.make_mesh())
+  path = model_io.save_model(Workdir(workdir).teacher_export, ema, config, role="teacher")
+  parallel.barrier("dsno_jax:export_teacher")  # process 0 finishes the export's files last
+  logging.info("exported the EMA teacher to %s", path)
+  return path
+
+
+def export_student(config, workdir: str) -> str:
+  """Writes the EMA student of the newest checkpoint to WORKDIR/export; returns its path."""
+  parallel.initialize_distributed(config)
+  abstract = models.param_shapes(models.init_student, config)
+  mesh = parallel.make_mesh()
+  params, step = checkpoints.restore_ema_params(workdir, "student", abstract, config, mesh)
+  path = model_io.save_model(Workdir(workdir).student_export, parallel.to_host(params, mesh),
+                             config, role="student")
+  parallel.barrier("dsno_jax:export_student")  # process 0 finishes the export's files last
+  logging.info("exported the EMA student of step %d to %s", step, path)
+  return path
+
+
+def load_student(workdir: str) -> Tuple[Dict, ml_collections.ConfigDict]:
+  """(params, the exported config) of WORKDIR/export, written by --mode=export."""
+  path = Workdir(workdir).student_export
+  try:
+    params, config, role = model_io.load_model(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"no exported student at {path}: run --mode=export first ({e})"
+                            ) from None
+  if role != "student":
+    raise ValueError(f"{path} holds a {role}, expected the exported student")
+  return params, config

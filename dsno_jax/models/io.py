@@ -1,0 +1,68 @@
+"""The saved-model format: parameters (orbax) plus the config that builds them (model.json)."""
+import json
+import os
+import shutil
+from typing import Dict, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dsno_jax.workdir import resolve
+
+ROLES = ("teacher", "student", "classifier")
+_META = "model.json"
+_PARAMS = "params"
+
+
+def save_model(path: str, params, config, role: str) -> str:
+  """Writes `path/params` (orbax) and `path/model.json` (role + config); returns path.
+
+  Written to a temporary sibling and renamed, so an existing export is never half-replaced.
+  """
+  if role not in ROLES:
+    raise ValueError(f"role={role!r}; expected one of {ROLES}")
+  path = resolve(path)
+  tmp = path + ".tmp"
+  if jax.process_index() == 0 and os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(tmp, _PARAMS), jax.tree_util.tree_map(np.asarray, params))
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(tmp, _META), "w") as f:
+      json.dump({"format": "dsno_jax.model", "role": role, "config": json.loads(config.to_json())},
+                f, indent=1)
+    if os.path.exists(path):
+      os.rename(path, path + ".old")
+    os.rename(tmp, path)
+    if os.path.exists(path + ".old"):
+      shutil.rmtree(path + ".old")
+  if jax.process_count() > 1:  # no process may read the export before process 0 renamed it
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"save_model {path}")
+  return path
+
+
+def read_model_meta(path: str) -> Dict:
+  meta_file = os.path.join(path, _META)
+  if not os.path.isfile(meta_file):
+    raise FileNotFoundError(f"{path} is not a dsno_jax model export: {meta_file} is missing")
+  with open(meta_file) as f:
+    try:
+      meta = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{meta_file} is corrupt ({e}); expected the JSON that save_model writes")
+  if meta.get("format") != "dsno_jax.model" or meta.get("role") not in ROLES:
+    raise ValueError(f"{meta_file} is not a dsno_jax model export (format={meta.get('format')!r},"
+                     f" role={meta.get('role')!r})")
+  return meta
+
+
+def load_model(path: str) -> Tuple[Dict, ml_collections.ConfigDict, str]:
+  """(params as numpy arrays, the config that builds them, role) of a `save_model` export."""
+  meta = read_model_meta(path)
+  params = ocp.StandardCheckpointer().restore(os.path.join(resolve(path), _PARAMS))
+  config = ml_collections.ConfigDict(meta["config"])
+  return params, config, meta["role"]

@@ -1,0 +1,119 @@
+"""What a run trains: the teacher's diffusion objective and DSNO's trajectory objective."""
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsno_jax import diffusion, models, ode
+from dsno_jax.training import losses
+
+NUM_SAMPLES = 64  # images in a sample grid
+
+
+class Objective(NamedTuple):
+  """What one run trains: its settings section, loss and parameter initialisation.
+
+  loss_fn(params, batch, rng) -> (loss, {name: scalar}); pure, on the global batch.
+  fresh_params(rng) -> params; traceable (its shapes define checkpoint compatibility).
+  start_params(rng) -> params of a new run (may read a teacher from disk).
+  sample_fn(params, rng) -> images (N, H, W, C) in [-1, 1], or None for no grids.
+  """
+  role: str  # "teacher" | "student"
+  settings: object  # config.teacher.train or config.train
+  loss_fn: Callable
+  fresh_params: Callable
+  start_params: Callable
+  batch_keys: Tuple[str, ...]
+  sample_fn: Optional[Callable] = None
+
+
+
+def _labels(batch, config):
+  return batch["label"] if config.data.num_classes > 1 else None
+
+
+def _image_shape(config):
+  return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def _sample_labels(config, n: int):
+  return jnp.arange(n) % config.data.num_classes if config.data.num_classes > 1 else None
+
+
+def teacher_objective(config) -> Objective:
+  """Diffusion training of the teacher UNet on images (batch {"image", "label"})."""
+  model = models.teacher_from_config(config)
+  settings = config.teacher.train
+  losses.teacher_weight(0.0, settings.loss_weighting)  # a bad name fails before compiling
+  schedule = config.diffusion
+
+  def loss_fn(params, batch, rng):
+    rng_noise, rng_dropout = jax.random.split(rng)
+
+    def output_fn(z, logsnr, y):
+      return model.apply({"params": params}, z, logsnr, y, train=True,
+                         rngs={"dropout": rng_dropout})
+
+    return losses.teacher_loss(output_fn, batch["image"], _labels(batch, config), rng_noise,
+                               mean_type=config.teacher.mean_type,
+                               weighting=settings.loss_weighting,
+                               logsnr_min=schedule.logsnr_min, logsnr_max=schedule.logsnr_max)
+
+  def sample_fn(params, rng):
+    z1 = jax.random.normal(rng, (NUM_SAMPLES,) + _image_shape(config))
+    denoise = diffusion.unet_denoiser(model, params, config.teacher.mean_type,
+                                      config.teacher.clip_x)
+    solve = config.trajectory
+    x = ode.trajectory(denoise, z1, (0.0,), solver=solve.solver, num_steps=solve.num_steps,
+                       grid=solve.grid, y=_sample_labels(config, NUM_SAMPLES), rtol=solve.rtol,
+                       atol=solve.atol, logsnr_min=schedule.logsnr_min,
+                       logsnr_max=schedule.logsnr_max)
+    return x[:, -1]
+
+  fresh = lambda rng: models.init_teacher(config, rng)
+  return Objective("teacher", settings, loss_fn, fresh, fresh, ("image", "label"), sample_fn)
+
+
+def student_objective(config, logsnr: Sequence[float],
+                      teacher_params: Optional[Callable] = None) -> Objective:
+  """DSNO training on trajectories (batch {"noise", "targets", "label"}); DSNO paper, Sec. 4.
+
+  logsnr (K,): the log-SNRs of the dataset's save times (the student's output times).
+  teacher_params() -> teacher parameters to copy in when config.train.init_from_teacher.
+  """
+  model = models.student_from_config(config)
+  settings = config.train
+  distance = losses.get_distance(settings.loss, settings.perceptual_weights)
+  diffusion.time_weights(jnp.zeros(()), settings.time_weighting)  # fails early on a bad name
+  logsnr = np.asarray(logsnr, np.float32)
+  if logsnr.shape != (len(config.trajectory.save_times),):
+    raise ValueError(f"{logsnr.shape[0] if logsnr.ndim == 1 else logsnr.shape} log-SNRs for a "
+                     f"student with K={len(config.trajectory.save_times)} output times")
+
+  def loss_fn(params, batch, rng):
+    prediction = model.apply({"params": params}, batch["noise"], logsnr, _labels(batch, config),
+                             train=True, rngs={"dropout": rng})
+    loss, per_time = losses.student_loss(prediction, batch["targets"], logsnr, distance,
+                                         settings.time_weighting)
+    return loss, {f"d_{k}": per_time[k] for k in range(per_time.shape[0])}
+
+  def sample_fn(params, rng):
+    noise = jax.random.normal(rng, (NUM_SAMPLES,) + _image_shape(config))
+    out = model.apply({"params": params}, noise, logsnr, _sample_labels(config, NUM_SAMPLES),
+                      train=False)
+    return out[:, -1]  # the last output time (t = 0): the one-step sample
+
+  fresh = lambda rng: models.init_student(config, rng)
+
+  def start(rng):
+    params = fresh(rng)
+    if not settings.init_from_teacher:
+      return params
+    if teacher_params is None:
+      raise ValueError("train.init_from_teacher=True but no teacher parameters were given")
+    return models.student_params_from_teacher(teacher_params(), params, config.teacher.mean_type,
+                                              config.data.channels)
+
+  return Objective("student", settings, loss_fn, fresh, start, ("noise", "targets", "label"),
+                   sample_fn)
