@@ -4,8 +4,11 @@
 
 Part 1: RMSE of the final x-hat (t=0) of every solver and grid against a float64 Dopri8
 solve at tolerance 1e-10, on 64 noise draws of the 10-component digits mixture (64 dims,
-exact denoiser), for NFE 8..1024 and adaptive Tsit5/Dopri5 at several tolerances. Reports
-the NFE at which each solver first reaches the accuracy of DDIM with 512 uniform-t steps.
+exact denoiser), for NFE 8..1024 and adaptive Tsit5/Dopri5 at several tolerances. The fixed-step
+solvers are DDIM, DPM-Solver++(2M)/(3M) as published (dpmpp2m, dpmpp3m) and the project's
+VP-angle variant (phi2m, phi3m); NFE counts every network evaluation (the x-hat at t=0 costs
+none). Reports the NFE at which each solver first reaches the accuracy of DDIM with 512
+uniform-t steps.
 Part 2: trajectories/s of a randomly initialised UNet teacher (the bench configuration,
 batch 8) with DDIM at a few step counts. Prints tables; writes solvers.json and solvers.png.
 """
@@ -43,14 +46,14 @@ def reference(mixture, z1):
     return np.asarray(x_ref[:, -1]), _rmse(x_ref, x_loose), float(np.mean(stats["nfe"]))
 
 
-def fixed_step_sweep(mixture, z1, x_ref, nfes):
+def fixed_step_sweep(mixture, z1, x_ref, nfes, grids=ode.GRIDS):
   """{solver: {grid: {nfe: rmse}}} for the fixed-step solvers; one compile per (solver, length)."""
   results = {}
   for solver in ode.FIXED_STEP_SOLVERS:
     solve = jax.jit(lambda z, grid, solver=solver: ode.integrate(
         mixture.denoise, z, FINAL_LOGSNR, solver=solver, grid_logsnrs=grid)[0])
     results[solver] = {}
-    for grid in ode.GRIDS:
+    for grid in grids:
       results[solver][grid] = {}
       for n in nfes:
         assert ode.nfe(solver, n, grid, FINAL) == n
@@ -114,7 +117,8 @@ def unet_speed(step_counts, batch=8):
       start = time.perf_counter()
       jax.block_until_ready(compiled(z1))
       run_s = min(run_s, time.perf_counter() - start)
-    rows.append((steps, ode.nfe("ddim", steps, "uniform_t", save_times) + len(save_times),
+    rows.append((steps, ode.nfe("ddim", steps, "uniform_t", save_times)
+                 + ode.target_nfe(save_times),
                  compile_s, run_s, batch / run_s))
   return rows
 
@@ -125,7 +129,8 @@ def plot(path, fixed, adaptive, target):
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 5))
   styles = {"uniform_t": "-", "uniform_logsnr": "--", "edm": ":"}
-  colors = {"ddim": "C0", "dpm2m": "C1", "dpm3m": "C2", "tsit5": "C3", "dopri5": "C4"}
+  colors = {"ddim": "C0", "dpmpp2m": "C1", "dpmpp3m": "C2", "phi2m": "C5", "phi3m": "C6",
+            "tsit5": "C3", "dopri5": "C4"}
   for solver, grids in fixed.items():
     for grid, curve in grids.items():
       n, err = zip(*sorted(curve.items()))
@@ -148,6 +153,7 @@ def main():
   parser.add_argument("--num_draws", type=int, default=64)
   parser.add_argument("--unet_steps", default="8,16", help="comma-separated DDIM step counts")
   parser.add_argument("--skip_unet", action="store_true")
+  parser.add_argument("--grids", default=",".join(ode.GRIDS), help="comma-separated grids")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
@@ -157,19 +163,19 @@ def main():
   x_ref, ref_err, ref_nfe = reference(mixture, z1)
   print(f"reference: float64 dopri8 tol {REFERENCE_TOL:g}, mean NFE {ref_nfe:.0f}, "
         f"RMSE to the tol {10 * REFERENCE_TOL:g} solve {ref_err:.1e}")
-  fixed = fixed_step_sweep(mixture, z1, x_ref, NFES)
+  fixed = fixed_step_sweep(mixture, z1, x_ref, NFES, tuple(args.grids.split(",")))
   adaptive = adaptive_sweep(mixture, z1, x_ref, TOLERANCES)
   target = fixed["ddim"]["uniform_t"][512]
 
   print(f"\nRMSE of the final x-hat vs NFE (float32 solves, {args.num_draws} draws)")
-  print(f"{'solver':7s} {'grid':15s}" + "".join(f"{n:>9d}" for n in NFES) + "  NFE to DDIM-512")
+  print(f"{'solver':8s} {'grid':15s}" + "".join(f"{n:>9d}" for n in NFES) + "  NFE to DDIM-512")
   reach = {}
   for solver, grids in fixed.items():
     for grid, curve in grids.items():
       swept, crossing = nfe_to_reach(curve, target)
       reach[f"{solver}/{grid}"] = {"swept": swept, "interpolated": crossing}
       where = "-" if swept is None else f"{swept} (~{crossing:.0f})"
-      print(f"{solver:7s} {grid:15s}" + "".join(f"{curve[n]:9.1e}" for n in NFES) + f"  {where}")
+      print(f"{solver:8s} {grid:15s}" + "".join(f"{curve[n]:9.1e}" for n in NFES) + f"  {where}")
   print("\nadaptive (PID, rtol = atol): tol, mean NFE, RMSE")
   for solver, rows in adaptive.items():
     print(f"{solver:7s} " + "  ".join(f"{tol:.0e}: {n:.0f} NFE {err:.1e}" for tol, n, err in rows))

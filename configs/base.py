@@ -16,6 +16,7 @@ def get_config():
   data.random_flip = False  # horizontal flips when training the teacher
   data.train_split = "train"
   data.eval_split = "test"
+  data.num_workers = 0  # input worker processes per host (0: threads in the training process)
 
   # --- diffusion maths: the cosine log-SNR schedule (dsno_jax/diffusion.py) ----
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -46,6 +47,9 @@ def get_config():
   teacher.mean_type = "x"  # network output: "x" | "eps" | "v" | "both"
   teacher.clip_x = True  # clip x-hat to [-1, 1] in the denoiser
   teacher.checkpoint = ""  # PD msgpack or dsno_jax orbax checkpoint; "" = train here
+  # compute dtype of the teacher's denoiser (trajectories, teacher baselines, sample grids):
+  # "float32" | "bfloat16"; separate from model.dtype, which the student trains in
+  teacher.dtype = "float32"
   # "unet" (a network) | "digits_mixture" (the exact Gaussian mixture of the digits)
   teacher.kind = "unet"
   # Teacher training (mode train_teacher), for data sets with no published teacher.
@@ -72,7 +76,9 @@ def get_config():
   # --- teacher trajectories: PF-ODE solves (mode generate) -------------------
   config.trajectory = trajectory = ml_collections.ConfigDict()
   trajectory.save_times = (0.5625, 0.25, 0.0625, 0.0)  # t in [0, 1] of the K outputs ("quad")
-  trajectory.solver = "ddim"  # ddim | dpm2m | dpm3m | tsit5 | dopri5 | dopri8
+  # ddim | dpmpp2m | dpmpp3m (DPM-Solver++, Lu et al. 2022) | phi2m | phi3m (the multistep
+  # variant interpolating in the VP angle, dsno_jax/ode.py) | tsit5 | dopri5 | dopri8 (adaptive)
+  trajectory.solver = "ddim"
   trajectory.num_steps = 512  # fixed-step solvers: steps from t=1 to t=0
   trajectory.grid = "uniform_t"  # uniform_t | uniform_logsnr | edm
   trajectory.rtol = 1e-5  # adaptive solvers
@@ -80,7 +86,7 @@ def get_config():
   trajectory.num_examples = 1024  # trajectories to generate
   trajectory.batch_size = 256  # global batch of the generation (examples)
   trajectory.shard_size = 256  # examples per written shard (resume granularity)
-  trajectory.targets_dtype = "float32"  # "float32" | "float16" storage of the targets
+  trajectory.targets_dtype = "float16"  # "float16" | "float32" storage of the targets
   trajectory.dir = ""  # "" = WORKDIR/trajectories
 
   # --- DSNO student training (mode train) -------------------------------------
@@ -98,7 +104,8 @@ def get_config():
   train.ema_decay = 0.9999  # EMA of parameters, per step
   train.grad_clip = 0.0  # global-norm clip (0 = off)
   train.grad_accum = 1  # micro-batches per optimiser step
-  train.loss = "l2"  # "l1" | "l2" | "vgg" | "lpips"
+  # "l1" | "l2" | "vgg" (lpips.LPIPS(net='vgg', lpips=False): DSNO's CIFAR-10 loss) | "lpips"
+  train.loss = "l2"
   train.perceptual_weights = ""  # losses vgg/lpips: converted .npz of VGG16 (+ LPIPS heads)
   train.time_weighting = "uniform"  # "uniform" | "snr" (clip(exp(lam/2), 1, 1e4))
   train.init_from_teacher = True  # copy teacher weights into the student
@@ -112,10 +119,17 @@ def get_config():
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_samples = 1000  # samples per metric
   evaluation.batch_size = 250  # global batch of sampling
-  evaluation.teacher_solvers = ("ddim", "dpm2m")  # teacher solvers to compare
-  evaluation.teacher_nfes = (1, 2, 4, 8, 16, 64)  # teacher NFEs to compare
-  evaluation.accurate_solver = "dopri5"  # the teacher's reference ("accurate") solve
-  evaluation.accurate_tolerance = 1e-4  # its rtol = atol
+  # The teacher rows of the table, each "SOLVER:N1,N2,..." : a fixed-step solver (uniform-t
+  # grid) at those NFEs (network evaluations per sample, exactly), or "SOLVER:TOL" for an
+  # adaptive one (tsit5 | dopri5 | dopri8) at rtol = atol = TOL, whose mean NFE is measured.
+  # () = the student alone (e.g. --config.eval.teacher_rows="()").
+  evaluation.teacher_rows = ("ddim:1,2,4,8,16,64", "dpmpp2m:2,4,8,16,64",
+                             "phi2m:2,4,8,16,64", "dopri5:1e-4")
+  evaluation.save_png = False  # also write the samples as a folder of PNGs (EDM's fid.py reads one)
+  # Memorisation check: each sample's distance to its nearest training image in the metric's
+  # feature space, against the held-out eval split's; keeps the train split's features in
+  # host memory (50k x 2048 floats for CIFAR-10), so off by default
+  evaluation.memorization = False
   evaluation.classifier_steps = 600  # optimiser steps of the FD-digits classifier
   evaluation.reference_stats = ""  # .npz with mu and sigma; "" = computed from data
   evaluation.inception_weights = ""  # converted inception_fid.npz

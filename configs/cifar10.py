@@ -36,4 +36,5 @@ def get_config():
   train.log_every, train.checkpoint_every, train.sample_every = 100, 5000, 10_000
 
   config.eval.num_samples, config.eval.batch_size = 50_000, 1000
+  config.eval.memorization = True  # 50k train features (2048-d) held in host memory
   return config

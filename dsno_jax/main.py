@@ -1,8 +1,10 @@
 """Entry point: `python -m dsno_jax.main --config=configs/X.py --workdir=DIR --mode=MODE`."""
-from absl import app, flags
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsno_jax import modes  # importing dsno_jax adds the XLA:CPU flag (dsno_jax/backend.py)
+from dsno_jax import lock, modes  # importing dsno_jax adds the XLA:CPU flag (dsno_jax/backend.py)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
@@ -15,7 +17,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+  try:
+    modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+  except lock.WorkdirInUseError as e:  # an expected situation: the message, no traceback
+    sys.exit(f"error: {e}")
+  except modes.Preempted as e:  # resume later: the launchers requeue on this status
+    logging.warning("%s; exiting with status %d (resume later)", e, modes.PREEMPTED_EXIT_STATUS)
+    sys.exit(modes.PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,25 @@ from absl import logging
 
 from dsno_jax.workdir import Workdir
 
+# The exit status of a run stopped for preemption after saving its checkpoint (sysexits'
+# EX_TEMPFAIL): launchers resume it later; it never goes on to the next stage.
+PREEMPTED_EXIT_STATUS = 75
+
+
+class Preempted(Exception):
+  """Training stopped for preemption (SIGTERM) after saving a checkpoint: resume later."""
+
 
 def train_teacher(config, workdir: str) -> Optional[str]:
   """Trains the teacher UNet on the config's images; exports its EMA to WORKDIR/teacher.
 
-  Returns the export's path, or None when preempted before the last step.
+  Raises Preempted when stopped for preemption before the last step (nothing is exported).
   """
   from dsno_jax import export as export_lib
   from dsno_jax.training import runs
   result = runs.train_teacher(config, workdir)
   if result.preempted:
-    return None
+    raise Preempted("teacher training preempted; its checkpoint is saved")
   return export_lib.export_teacher(config, workdir, result.state.ema_params)
 
 
@@ -41,9 +49,12 @@ def generate(config, workdir: str) -> str:
 
 
 def train(config, workdir: str):
-  """Trains the DSNO student on the trajectory dataset."""
+  """Trains the DSNO student on the trajectory dataset; raises Preempted when stopped early."""
   from dsno_jax.training import runs
-  return runs.train_student(config, workdir)
+  result = runs.train_student(config, workdir)
+  if result.preempted:
+    raise Preempted("student training preempted; its checkpoint is saved")
+  return result
 
 
 def export(config, workdir: str) -> str:
@@ -116,6 +127,14 @@ MODES = {f.__name__: f for f in (train_teacher, classifier, generate, train, exp
 
 
 def run(mode: str, config, workdir: str):
+  """Runs `mode` holding the workdir's lock, so no other run writes there meanwhile.
+
+  Only process 0 of a multi-process run holds it (the others share its run).
+  """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; expected one of {sorted(MODES)}")
-  return MODES[mode](config, workdir)
+  import jax
+  from dsno_jax import lock, parallel
+  parallel.initialize_distributed(config)  # before jax.process_index() starts the backends
+  with lock.hold(Workdir(workdir).lock, f"--mode={mode}", enabled=jax.process_index() == 0):
+    return MODES[mode](config, workdir)

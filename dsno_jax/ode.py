@@ -9,7 +9,9 @@ import numpy as np
 
 from dsno_jax import diffusion
 
-FIXED_STEP_SOLVERS = ("ddim", "dpm2m", "dpm3m")
+# ddim: DPM-Solver++(1); dpmpp2m/dpmpp3m: DPM-Solver++(2M)/(3M) as published (Lu et al. 2022);
+# phi2m/phi3m: this project's multistep variant that interpolates in the VP angle (PhiMultistep).
+FIXED_STEP_SOLVERS = ("ddim", "dpmpp2m", "dpmpp3m", "phi2m", "phi3m")
 ADAPTIVE_SOLVERS = ("tsit5", "dopri5", "dopri8")
 SOLVERS = FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS
 GRIDS = ("uniform_t", "uniform_logsnr", "edm")
@@ -125,22 +127,86 @@ def _history_weights(logsnr_nodes, logsnr_from, logsnr_to):
   return weights
 
 
-class MultistepDPM(diffrax.AbstractSolver):
-  """DPM-Solver++-style multistep exponential integrator in data prediction (2M or 3M; the
-  multistep DPM-Solver++ of Lu et al. 2022, Section 4, with another interpolant).
+class DPMSolverPP(diffrax.AbstractSolver):
+  """DPM-Solver++(2M) or (3M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2, and the third-order
+  multistep update of the authors' dpm_solver_pytorch.py, which diffusers copies): multistep
+  in lambda = log(alpha/sigma) = logsnr/2.
+
+  With h = lambda_u - lambda_t, x0 = D(z_t) and the x-hats of the previous step starts,
+  z_u = (sigma_u/sigma_t) z_t - alpha_u expm1(-h) x0 + a finite-difference correction. The
+  first steps use the orders the history allows (the first is DDIM); the last step is first
+  order (DDIM), which the authors' sampler does below 10 steps (`lower_order_final`) and this
+  one at every step count. As published, the 3M update weights its second difference D2 with
+  half the Taylor coefficient, so it does not integrate a quadratic x-hat exactly: its local
+  error is O(h^3), like 2M's, with a smaller constant (tests/test_ode.py measures both).
+  Needs a fixed grid (diffrax.StepTo): the history sits at the previous step starts.
+  """
+  order_: int = eqx.field(static=True, default=2)  # 2 (2M) or 3 (3M)
+  # The log-SNR where the solve ends (its last step is first order); diffrax tells a solver
+  # only its first step's end.
+  logsnr_end: float = 20.0
+  term_structure: ClassVar = PFODETerm
+  interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
+
+  def order(self, terms):
+    return self.order_
+
+  def init(self, terms, t0, t1, y0, args):
+    zero_t = jnp.zeros((), y0.dtype)
+    # (x_hat at the last two step starts, their log-SNRs, steps taken)
+    return (jnp.zeros_like(y0), jnp.zeros_like(y0), zero_t, zero_t, jnp.zeros((), jnp.int32))
+
+  def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+    del made_jump
+    x_prev1, x_prev2, lam_prev1, lam_prev2, count = solver_state
+    lam_end = jnp.asarray(self.logsnr_end, y0.dtype)
+    term, t0, t1 = _unwrap(terms, t0, t1)
+    dtype = y0.dtype
+    lam0, lam1 = jnp.asarray(t0, dtype), jnp.asarray(t1, dtype)
+    _, s0, a1, s1 = _coefficients(lam0, lam1, dtype)
+    x0 = term.x_hat(lam0, y0)
+    order = jnp.where(lam1 >= lam_end, 1, jnp.minimum(count + 1, self.order_))
+    h = (lam1 - lam0) / 2
+    # Steps not taken yet stand in at unit spacing, so the unused branches stay finite.
+    h_0 = jnp.where(count >= 1, (lam0 - lam_prev1) / 2, h)
+    h_1 = jnp.where(count >= 2, (lam_prev1 - lam_prev2) / 2, h)
+    phi_1 = jnp.expm1(-h)
+    r0 = h_0 / h
+    d1_0 = (x0 - x_prev1) / r0
+    second = -0.5 * phi_1 * d1_0
+    correction = jnp.where(order == 2, second, 0.0)
+    if self.order_ >= 3:
+      r1 = h_1 / h
+      d1_1 = (x_prev1 - x_prev2) / r1
+      d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+      d2 = (d1_0 - d1_1) / (r0 + r1)
+      phi_2 = phi_1 / h + 1.0
+      phi_3 = phi_2 / h - 0.5
+      correction = jnp.where(order == 3, phi_2 * d1 - phi_3 * d2, correction)
+    y1 = (s1 / s0) * y0 + a1 * (-phi_1 * x0 + correction)
+    new_state = (x0, x_prev1, lam0, lam_prev1, count + 1)
+    return y1, None, dict(y0=y0, y1=y1), new_state, diffrax.RESULTS.successful
+
+  def func(self, terms, t0, y0, args):
+    return terms.vf(t0, y0, args)
+
+
+class PhiMultistep(diffrax.AbstractSolver):
+  """This project's multistep exponential integrator in data prediction (phi2m, phi3m): the
+  update of DPM-Solver++(2M)/(3M) (Lu et al. 2022) with another interpolant of x-hat.
 
   z_u = (sigma_u/sigma_t) z_t + alpha_u int_0^h exp(-(h - tau)) P(tau) dtau, with tau half
   the log-SNR past the step start and P the polynomial through the current x-hat and the
-  previous one or two (kept in the solver state). Unlike DPM-Solver++, which takes P linear
-  in log-SNR, P is a polynomial in v = phi^2, the squared VP angle phi = arctan(sigma/alpha):
-  x-hat is smooth in phi at the noise end and even in sigma/alpha at the data end, where a
-  log-SNR line overshoots across the long final steps of a uniform-t grid, so no
-  lower-order final step is needed (the comparison with DPM-Solver++(2M):
-  benchmarks/README.md, "dsno_jax/ode.py"). The weights are exact integrals of that basis
-  (16-node Gauss-Legendre in tau). The first steps use the orders available (the first is
-  DDIM). Needs a fixed grid (diffrax.StepTo): the history sits at the previous step starts.
+  previous one or two (kept in the solver state). How it differs from DPM-Solver++ (the
+  `dpmpp2m`/`dpmpp3m` solvers): P is a polynomial in v = phi^2, the squared VP angle
+  phi = arctan(sigma/alpha), not in log-SNR, and the last step keeps the full order. x-hat is
+  smooth in phi at the noise end and even in sigma/alpha at the data end, where a log-SNR line
+  overshoots across the long final steps of a uniform-t grid, so no lower-order final step is
+  needed. The weights are exact integrals of that basis (16-node Gauss-Legendre in tau). The
+  first steps use the orders available (the first is DDIM). Needs a fixed grid
+  (diffrax.StepTo): the history sits at the previous step starts.
   """
-  history: int = eqx.field(static=True, default=2)  # x-hats used: 2 (2M) or 3 (3M)
+  history: int = eqx.field(static=True, default=2)  # x-hats used: 2 (phi2m) or 3 (phi3m)
   term_structure: ClassVar = PFODETerm
   interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
 
@@ -177,12 +243,13 @@ class MultistepDPM(diffrax.AbstractSolver):
     return terms.vf(t0, y0, args)
 
 
-def make_solver(solver: str) -> diffrax.AbstractSolver:
-  """The diffrax solver named `solver` (one of SOLVERS)."""
+def make_solver(solver: str, logsnr_end: float = 20.0) -> diffrax.AbstractSolver:
+  """The diffrax solver named `solver` (one of SOLVERS) for a solve that ends at logsnr_end."""
   _check_solver(solver)
   return {
-      "ddim": DDIM, "dpm2m": lambda: MultistepDPM(history=2),
-      "dpm3m": lambda: MultistepDPM(history=3), "tsit5": diffrax.Tsit5,
+      "ddim": DDIM, "dpmpp2m": lambda: DPMSolverPP(order_=2, logsnr_end=logsnr_end),
+      "dpmpp3m": lambda: DPMSolverPP(order_=3, logsnr_end=logsnr_end), "phi2m": lambda: PhiMultistep(history=2),
+      "phi3m": lambda: PhiMultistep(history=3), "tsit5": diffrax.Tsit5,
       "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8,
   }[solver]()
 
@@ -294,10 +361,11 @@ def time_grid(num_steps: int, grid: str = "uniform_t", save_times: Sequence[floa
 
 def nfe(solver: str, num_steps: int, grid: str = "uniform_t", save_times: Sequence[float] = (0.0,),
         logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> Optional[int]:
-  """Denoiser evaluations of the ODE solve of a fixed-step solver (one per grid step).
+  """Denoiser evaluations of the ODE solve of a fixed-step solver: one per grid step.
 
-  None for the adaptive solvers, whose count depends on the data (see trajectory_and_stats).
-  The K targets D(z_t, lam(t)) at the save times cost K evaluations on top.
+  None for the adaptive solvers, whose count depends on the data (`trajectory_and_stats`
+  reports it). The x-hats at the save times cost `target_nfe(save_times)` more; with
+  save_times=(0.0,) (a sample) there are none, so "NFE n" is n evaluations in all.
   """
   _check_solver(solver)
   _check_grid(grid)
@@ -306,32 +374,54 @@ def nfe(solver: str, num_steps: int, grid: str = "uniform_t", save_times: Sequen
   return len(logsnr_grid(num_steps, grid, save_times, logsnr_min, logsnr_max)) - 1
 
 
+def target_nfe(save_times: Sequence[float]) -> int:
+  """Denoiser evaluations for the x-hats at the save times: one per save time but t=0.
+
+  At t=0 (logsnr_max) x-hat is read off the solution as z/alpha with no evaluation: the
+  denoiser there is the identity up to sigma/alpha = exp(-logsnr_max/2) (4.5e-5 at 20).
+  """
+  return int(np.count_nonzero(check_save_times(save_times) > 0.0))
+
+
 # --- trajectories -----------------------------------------------------------------------------
 
 
 def _adaptive_nfe(solver, num_steps):
-  """Evaluations made by diffrax for `num_steps` attempted adaptive steps (FSAL tableaus)."""
+  """Evaluations diffrax makes for `num_steps` attempted adaptive steps (FSAL tableaus): per
+  step the stages less the one reused, plus one for the initial step-size probe. These are
+  diffrax's internals, counted with a callback in tests/test_ode.py for the diffrax version
+  that setup.py admits."""
   per_step = {"tsit5": 6, "dopri5": 6, "dopri8": 13}[solver]
-  return per_step * num_steps + 1  # + the initial step-size probe (counted on diffrax 0.7.2)
+  return per_step * num_steps + 1
 
 
 def integrate(denoise: Callable, z1, save_logsnrs, *, solver: str = "ddim", grid_logsnrs=None,
               y=None, rtol=1e-5, atol=1e-5, logsnr_min: float = -20.0, logsnr_max: float = 20.0
               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """The solve behind `trajectory`, on log-SNR arrays that may be traced (jit arguments).
+  """The solve behind `trajectory`, with a grid and tolerances that may be traced (jit arguments).
 
-  save_logsnrs (K,) increasing; grid_logsnrs (N+1,) increasing from logsnr_min to logsnr_max
-  and containing save_logsnrs (fixed-step solvers only; diffrax checks the ends at run time).
-  rtol and atol (adaptive solvers) may be traced too. Returns (x_hat (B, K, H, W, C),
-  {'nfe': (B,) int32 ODE evaluations, 'target_nfe': K, 'successful': (B,) bool}).
-  Solver failures (an adaptive solve running past MAX_ADAPTIVE_STEPS) are reported in
-  'successful' rather than raised: raising would put host callbacks into the compiled program.
+  save_logsnrs (K,) concrete, increasing, in [logsnr_min, logsnr_max]; grid_logsnrs (N+1,)
+  increasing from logsnr_min to logsnr_max and containing save_logsnrs (fixed-step solvers
+  only; diffrax checks the ends at run time). Returns (x_hat (B, K, H, W, C),
+  {'nfe': (B,) int32 ODE evaluations, 'target_nfe': the evaluations for the x-hats at the save
+  times, 'successful': (B,) bool}). Solver failures (an adaptive solve running past
+  MAX_ADAPTIVE_STEPS) are reported in 'successful' rather than raised: raising would put host
+  callbacks into the compiled program.
   """
   _check_solver(solver)
+  try:
+    save = np.asarray(save_logsnrs, np.float64)
+  except (TypeError, jax.errors.TracerArrayConversionError) as e:
+    raise ValueError("save_logsnrs must be concrete (they decide which x-hats cost an "
+                     f"evaluation), got {save_logsnrs!r}") from e
+  if save.ndim != 1 or save.size == 0 or np.any(np.diff(save) <= 0):
+    raise ValueError(f"save_logsnrs={save_logsnrs!r}; expected a non-empty increasing 1-D array")
+  if save[0] < logsnr_min or save[-1] > logsnr_max:
+    raise ValueError(f"save_logsnrs={save_logsnrs!r}; expected values in [logsnr_min, "
+                     f"logsnr_max] = [{logsnr_min}, {logsnr_max}]")
   z1 = jnp.asarray(z1)
   dtype, batch = z1.dtype, z1.shape[0]
-  save_logsnrs = jnp.asarray(save_logsnrs, dtype)
-  saveat = diffrax.SaveAt(ts=save_logsnrs)
+  saveat = diffrax.SaveAt(ts=jnp.asarray(save, dtype))
   t0, t1 = jnp.asarray(logsnr_min, dtype), jnp.asarray(logsnr_max, dtype)
 
   if solver in FIXED_STEP_SOLVERS:
@@ -340,7 +430,7 @@ def integrate(denoise: Callable, z1, save_logsnrs, *, solver: str = "ddim", grid
     grid_logsnrs = jnp.asarray(grid_logsnrs, dtype)
     num_steps = grid_logsnrs.shape[0] - 1
     sol = diffrax.diffeqsolve(
-        pf_ode_term(denoise, y), make_solver(solver), t0, t1, None, z1, saveat=saveat,
+        pf_ode_term(denoise, y), make_solver(solver, t1), t0, t1, None, z1, saveat=saveat,
         stepsize_controller=diffrax.StepTo(ts=grid_logsnrs), max_steps=num_steps, throw=False)
     z_saved = jnp.moveaxis(sol.ys, 0, 1)  # (B, K, H, W, C)
     count = jnp.full((batch,), num_steps, jnp.int32)
@@ -348,7 +438,8 @@ def integrate(denoise: Callable, z1, save_logsnrs, *, solver: str = "ddim", grid
   else:
     # Each example gets its own steps, so results do not depend on the batch it sits in
     # (nor on how the batch is sharded).
-    controller = diffrax.PIDController(rtol=rtol, atol=atol, step_ts=save_logsnrs)
+    controller = diffrax.PIDController(rtol=rtol, atol=atol,
+                                       step_ts=jnp.asarray(save, dtype))
 
     def solve_one(z, labels):
       sol = diffrax.diffeqsolve(
@@ -360,12 +451,22 @@ def integrate(denoise: Callable, z1, save_logsnrs, *, solver: str = "ddim", grid
     z_saved, steps, successful = jax.vmap(solve_one)(z1, labels)
     count = _adaptive_nfe(solver, steps).astype(jnp.int32)
 
-  # targets: the denoiser at the solution, the K times folded into the batch
-  k = save_logsnrs.shape[0]
-  z_flat = z_saved.reshape((batch * k,) + z1.shape[1:])
-  y_flat = None if y is None else jnp.repeat(jnp.asarray(y), k)
-  x_hat = denoise(z_flat, jnp.tile(save_logsnrs, batch), y_flat).astype(dtype)
-  return x_hat.reshape(z_saved.shape), {"nfe": count, "target_nfe": k, "successful": successful}
+  # x-hat at the save times. The one at logsnr_max (t=0) is read off the solution (see
+  # target_nfe); the others are the denoiser at the solution, the times folded into the batch.
+  at_end = save >= logsnr_max
+  interior = int(np.count_nonzero(~at_end))
+  x_hats = []
+  if interior:
+    z_flat = z_saved[:, :interior].reshape((batch * interior,) + z1.shape[1:])
+    y_flat = None if y is None else jnp.repeat(jnp.asarray(y), interior)
+    logsnr_flat = jnp.tile(jnp.asarray(save[:interior], dtype), batch)
+    x_hats.append(denoise(z_flat, logsnr_flat, y_flat).astype(dtype).reshape(
+        z_saved[:, :interior].shape))
+  if interior < save.size:
+    alpha_end, _ = diffusion.alpha_sigma(jnp.asarray(logsnr_max, dtype))
+    x_hats.append(z_saved[:, interior:] / alpha_end)
+  x_hat = jnp.concatenate(x_hats, axis=1) if len(x_hats) > 1 else x_hats[0]
+  return x_hat, {"nfe": count, "target_nfe": interior, "successful": successful}
 
 
 def trajectory_and_stats(denoise: Callable, z1, save_times: Sequence[float], *,
@@ -373,8 +474,10 @@ def trajectory_and_stats(denoise: Callable, z1, save_times: Sequence[float], *,
                          y=None, rtol: float = 1e-5, atol: float = 1e-5,
                          logsnr_min: float = -20.0, logsnr_max: float = 20.0
                          ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """`trajectory` plus stats: {'nfe': (B,) int32 ODE evaluations, 'target_nfe': K,
-  'successful': (B,) bool (False where an adaptive solve ran out of steps)}."""
+  """`trajectory` plus stats: {'nfe': (B,) int32 evaluations of the ODE solve (the count an
+  adaptive solve made), 'target_nfe': evaluations for the x-hats at the save times
+  (`target_nfe(save_times)`), 'successful': (B,) bool (False where an adaptive solve ran out of
+  steps)}."""
   _check_solver(solver)
   _check_grid(grid)
   _check_logsnr_range(logsnr_min, logsnr_max)
@@ -389,8 +492,8 @@ def trajectory_and_stats(denoise: Callable, z1, save_times: Sequence[float], *,
     grid_logsnrs = logsnr_grid(num_steps, grid, times, logsnr_min, logsnr_max)
   elif not (rtol > 0 and atol > 0):
     raise ValueError(f"rtol={rtol!r}, atol={atol!r}; adaptive solvers need both > 0")
-  return integrate(denoise, z1, logsnr_of_times(times, logsnr_min, logsnr_max), solver=solver,
-                   grid_logsnrs=grid_logsnrs, y=y, rtol=rtol, atol=atol,
+  return integrate(denoise, z1, logsnr_of_times(times, logsnr_min, logsnr_max),
+                   solver=solver, grid_logsnrs=grid_logsnrs, y=y, rtol=rtol, atol=atol,
                    logsnr_min=logsnr_min, logsnr_max=logsnr_max)
 
 
@@ -402,11 +505,12 @@ def trajectory(denoise: Callable, z1, save_times: Sequence[float], *, solver: st
 
   denoise(z (B,H,W,C), logsnr (B,), y) -> x_hat; z1 (B,H,W,C) ~ N(0, I), taken as z at
   logsnr_min; save_times (K,) concrete, strictly decreasing in [0, 1] (t=0 uses
-  lam = logsnr_max). `solver`: ddim | dpm2m | dpm3m on the fixed `grid` of `num_steps`
-  (uniform_t | uniform_logsnr | edm, containing the save times), or tsit5 | dopri5 | dopri8
-  with PID step control at (rtol, atol). Returns (B, K, H, W, C) in z1's dtype. Elementwise
-  over the batch, jit-able with `denoise` closed over, and free of host callbacks (see
-  `trajectory_and_stats` for the NFE and the per-example success flags).
+  lam = logsnr_max, where x-hat is z/alpha with no evaluation: see `target_nfe`). `solver`:
+  ddim | dpmpp2m | dpmpp3m | phi2m | phi3m on the fixed `grid` of `num_steps` (uniform_t |
+  uniform_logsnr | edm, containing the save times), or tsit5 | dopri5 | dopri8 with PID step
+  control at (rtol, atol). Returns (B, K, H, W, C) in z1's dtype. Elementwise over the batch,
+  jit-able with `denoise` closed over, and free of host callbacks (see `trajectory_and_stats`
+  for the NFE and the per-example success flags).
   """
   return trajectory_and_stats(
       denoise, z1, save_times, solver=solver, num_steps=num_steps, grid=grid, y=y, rtol=rtol,

@@ -4,6 +4,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -161,4 +162,38 @@ def draw(fn: Callable, params, num_examples: int, batch_size: int, mesh: Mesh) -
     outputs = gather(*fn(params, indices))
     pieces.append(tuple(np.asarray(a.addressable_data(0)) for a in outputs))
   return tuple(np.concatenate(p)[:num_examples] for p in zip(*pieces))
+
+
+def _accelerator_present() -> Optional[str]:
+  """"GPU" or "TPU" when this machine has one (device files or driver tools), else None."""
+  import glob
+  import shutil
+  if glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi"):
+    return "GPU"
+  if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+    return "TPU"
+  return None
+
+
+def describe_runtime(mesh: Mesh, per_device_batch: Optional[int] = None) -> str:
+  """One line: platform, versions, processes, devices and their kind, mesh, per-device batch.
+
+  Logs a warning when the machine has a GPU or TPU but JAX runs on the CPU (a CPU-only
+  jaxlib, or JAX_PLATFORMS=cpu), which would otherwise go unnoticed for days.
+  """
+  import jaxlib
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  line = (f"platform {jax.default_backend()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}; "
+          f"process {jax.process_index()} of {jax.process_count()}; "
+          f"{jax.local_device_count()} local / {len(devices)} global devices ({', '.join(kinds)}); "
+          f"mesh {dict(mesh.shape)}")
+  if per_device_batch is not None:
+    line += f"; {per_device_batch} examples per device"
+  present = _accelerator_present()
+  if present and jax.default_backend() == "cpu":
+    logging.warning("this machine has a %s but JAX runs on the CPU: install the accelerator "
+                    "jaxlib (pip install -e \".[%s]\") or unset JAX_PLATFORMS", present,
+                    "cuda" if present == "GPU" else "tpu")
+  return line
 

@@ -1,7 +1,8 @@
-"""Pictures people look at: sample grids, trajectory strips and metric-versus-NFE plots (PNG)."""
+"""Pictures people look at: sample grids, labelled trajectory strips, metric-versus-NFE and
+memorisation plots (PNG)."""
 import math
 import os
-from typing import Dict
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -11,16 +12,25 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images, cols: int = 0) -> np.ndarray:
-  """(N, H, W, C) in [-1, 1] or uint8 -> uint8 (rows*H, cols*W, C), row-major, nearly square."""
+GAP_VALUE = 128  # mid-grey between cells: apart from both black backgrounds and white strokes
+
+
+def image_grid(images, cols: int = 0, gap: int = 1) -> np.ndarray:
+  """(N, H, W, C) in [-1, 1] or uint8 -> uint8 grid, row-major, nearly square, with `gap`
+  pixels of GAP_VALUE between cells (none around the edge), so neighbours never merge.
+
+  The grid is (rows*H + (rows-1)*gap, cols*W + (cols-1)*gap, C).
+  """
   images = np.asarray(images)
   pixels = images if images.dtype == np.uint8 else to_uint8(images)
   n, h, w, c = pixels.shape
   cols = cols or int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
-  grid = np.zeros((rows * cols, h, w, c), np.uint8)
-  grid[:n] = pixels
-  return grid.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+  grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), GAP_VALUE, np.uint8)
+  for i in range(n):
+    top, left = (i // cols) * (h + gap), (i % cols) * (w + gap)
+    grid[top:top + h, left:left + w] = pixels[i]
+  return grid
 
 
 def save_png(pixels: np.ndarray, path: str, scale: int = 1) -> str:
@@ -33,39 +43,119 @@ def save_png(pixels: np.ndarray, path: str, scale: int = 1) -> str:
   return path
 
 
-def trajectory_strips(noise, outputs) -> np.ndarray:
+def trajectory_strips(noise, outputs, gap: int = 1) -> np.ndarray:
   """One row per example: the noise, then its K outputs from high to low noise.
 
-  noise (n, H, W, C), outputs (n, K, H, W, C) in [-1, 1] -> uint8 (n*H, (K+1)*W, C).
+  noise (n, H, W, C), outputs (n, K, H, W, C) in [-1, 1] -> the uint8 `image_grid` of the
+  n x (K+1) frames.
   """
   noise = np.clip(np.asarray(noise) / 3.0, -1.0, 1.0)  # N(0, 1) shown at +-3 sigma
   frames = np.concatenate([noise[:, None], np.asarray(outputs)], axis=1)
   n, k1 = frames.shape[:2]
-  return image_grid(frames.reshape((n * k1,) + frames.shape[2:]), cols=k1)
+  return image_grid(frames.reshape((n * k1,) + frames.shape[2:]), cols=k1, gap=gap)
 
 
-def plot_metric_vs_nfe(curves: Dict[str, Dict[int, float]], path: str, *, metric: str,
-                       points: Dict[str, float] = None, title: str = "") -> str:
-  """Log-log plot: one line per solver ({nfe: value}), plus single points (e.g. DSNO at 1 NFE)."""
+def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def _show(ax, pixels):
+  """uint8 (H, W, C) on a matplotlib axis, grey levels for C = 1, pixels kept square."""
+  if pixels.shape[-1] == 1:
+    ax.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+  else:
+    ax.imshow(pixels, interpolation="nearest")
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  _pyplot().close(fig)
+  return path
+
+
+def plot_trajectories(noise, outputs, save_times: Sequence[float], path: str,
+                      logsnrs: Optional[Sequence[float]] = None, title: str = "") -> str:
+  """`trajectory_strips` as a PNG whose columns are labelled with their t (and log-SNR).
+
+  save_times (K,) and logsnrs (K,) are those of the K outputs; the first column is the noise
+  (t = 1).
+  """
+  plt = _pyplot()
+  strips = trajectory_strips(noise, outputs)
+  n, k = np.shape(outputs)[:2]
+  if len(save_times) != k:
+    raise ValueError(f"{len(save_times)} save times for {k} outputs per example")
+  h, w = np.shape(outputs)[2:4]
+  labels = ["noise\nt=1"] + [f"t={t:g}" for t in save_times]
+  if logsnrs is not None:
+    labels = [labels[0]] + [f"{a}\nlog-SNR {lam:.1f}" for a, lam in zip(labels[1:], logsnrs)]
+  fig, ax = plt.subplots(figsize=(1.0 + 1.1 * (k + 1), 0.6 + 1.1 * n))
+  _show(ax, strips)
+  ax.set_xticks([(w + 1) * i + (w - 1) / 2 for i in range(k + 1)])
+  ax.set_xticklabels(labels, fontsize=8)
+  ax.xaxis.tick_top()
+  ax.set_yticks([])
+  ax.tick_params(length=0)
+  if title:
+    ax.set_xlabel(title, fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_memorization(distances: Dict[str, np.ndarray], pairs: np.ndarray, pair_distances,
+                      path: str, *, feature_name: str, title: str = "") -> str:
+  """Histograms of nearest-training-image distances (one per set, e.g. samples and held-out
+  test images) beside the closest pairs: a row per pair, the sample then its nearest
+  training image. pairs uint8 (P, 2, H, W, C); pair_distances (P,)."""
+  plt = _pyplot()
+  fig, (hist, grid) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [3, 2]})
+  values = [np.asarray(v) for v in distances.values()]
+  bins = np.linspace(0.0, max(float(v.max()) for v in values) * 1.02, 40)
+  for name, value in zip(distances, values):
+    hist.hist(value, bins=bins, density=True, histtype="step", lw=1.5,
+              label=f"{name} (median {np.median(value):.3g})")
+  hist.set_xlabel(f"distance to the nearest training image ({feature_name})")
+  hist.set_ylabel("density")
+  hist.legend(fontsize=8)
+  pairs = np.asarray(pairs)
+  p = pairs.shape[0]
+  _show(grid, image_grid(pairs.reshape((2 * p,) + pairs.shape[2:]), cols=2))
+  h = pairs.shape[2]
+  grid.set_yticks([(h + 1) * i + (h - 1) / 2 for i in range(p)])
+  grid.set_yticklabels([f"{d:.3g}" for d in np.asarray(pair_distances)], fontsize=7)
+  grid.set_xticks([(pairs.shape[3] - 1) / 2, pairs.shape[3] + 1 + (pairs.shape[3] - 1) / 2])
+  grid.set_xticklabels(["sample", "train"], fontsize=7)
+  grid.tick_params(length=0)
+  grid.set_ylabel("distance", fontsize=8)
+  grid.set_title("closest pairs", fontsize=9)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_metric_vs_nfe(curves: Dict[str, Dict[float, float]], path: str, *, metric: str,
+                       points: Dict[str, Tuple[float, float]] = None, title: str = "") -> str:
+  """Log-log plot: one line per solver ({nfe: value}), plus single points {name: (nfe, value)}
+  (e.g. DSNO at 1 NFE, an adaptive solve at its mean NFE)."""
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for name, curve in curves.items():
     nfes = sorted(curve)
     ax.plot(nfes, [curve[n] for n in nfes], marker="o", label=name)
-  for name, value in (points or {}).items():
-    ax.scatter([1], [value], marker="*", s=160, zorder=3, label=name)
+  for (name, (nfe, value)), marker in zip((points or {}).items(), "*Dsp^v"):
+    ax.scatter([nfe], [value], marker=marker, s=160 if marker == "*" else 60, zorder=3,
+               label=name)
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
-  ax.set_xlabel("network evaluations (NFE)")
+  ax.set_xlabel("network evaluations per sample (NFE)")
   ax.set_ylabel(metric)
   ax.set_title(title)
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
+  return _save(fig, path)

@@ -21,6 +21,11 @@ class Workdir:
   def _join(self, *names: str) -> str:
     return os.path.join(self.root, *names)
 
+  @property
+  def lock(self) -> str:
+    """The lock file of the run using this workdir (dsno_jax/lock.py): one run at a time."""
+    return self._join("lock.json")
+
   # --- training
   def checkpoints(self, role: str) -> str:
     """Orbax checkpoints of the train state of `role` ("teacher" | "student")."""

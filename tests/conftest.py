@@ -10,3 +10,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import dsno_jax  # noqa: E402,F401 -- adds the XLA:CPU flag, as every user of the package gets
+
+try:  # torchvision (the reference of some tests) crashes when loaded after TensorFlow here
+  import torchvision.models  # noqa: E402,F401
+except ImportError:
+  pass

@@ -6,7 +6,7 @@ import pytest
 from sklearn import datasets
 
 from configs import tiny
-from dsno_jax.data import batching, digits, images
+from dsno_jax.data import digits, images
 
 
 def config_for(name, data_dir="", image_size=8, channels=1, num_classes=10):
@@ -78,9 +78,12 @@ def test_batches_are_a_function_of_seed_and_step():
     np.testing.assert_array_equal(a["label"], b["label"])
   hosts = [take(images.batch_iterator(source, global_batch_size=4, seed=3, random_flip=True,
                                       process_index=p, process_count=2), 7) for p in range(2)]
-  for step in range(7):
-    joined = np.concatenate([hosts[0][step]["image"], hosts[1][step]["image"]])
-    np.testing.assert_array_equal(joined, run[step]["image"])
+  for step in range(7):  # the hosts' rows are the global batch's (flips included), disjoint
+    joined = {int(hosts[p][step]["index"][i]): hosts[p][step]["image"][i]
+              for p in range(2) for i in range(2)}
+    assert sorted(joined) == sorted(run[step]["index"].tolist())
+    for i, index in enumerate(run[step]["index"]):
+      np.testing.assert_array_equal(joined[int(index)], run[step]["image"][i])
   other_seed = take(images.batch_iterator(source, global_batch_size=4, seed=4,
                                           process_index=0, process_count=1), 1)
   assert not np.array_equal(other_seed[0]["label"], run[0]["label"]) or not np.array_equal(
@@ -89,20 +92,24 @@ def test_batches_are_a_function_of_seed_and_step():
 
 def test_each_epoch_visits_every_example_once_and_flips_mirror():
   source = synthetic_source(10)
-  indices = np.concatenate([batching.step_indices(s, num_examples=10, global_batch_size=5, seed=0) for s in range(4)])
-  assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:]) == list(range(10))
   plain = take(images.batch_iterator(source, global_batch_size=5, seed=0, process_index=0,
-                                     process_count=1), 3)
+                                     process_count=1), 4)
+  indices = np.concatenate([batch["index"] for batch in plain])
+  assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:]) == list(range(10))
+  assert not np.array_equal(indices[:10], indices[10:])  # each epoch has its own permutation
   flipped = take(images.batch_iterator(source, global_batch_size=5, seed=0, random_flip=True,
-                                       process_index=0, process_count=1), 3)
+                                       process_index=0, process_count=1), 4)
   mirrored = 0
-  for step, (a, b) in enumerate(zip(plain, flipped)):
+  for a, b in zip(plain, flipped):
     assert a["image"].dtype == np.float32 and a["image"].min() >= -1 and a["image"].max() <= 1
-    for i, flip in enumerate(images.flips(step, 5, seed=0)):
+    np.testing.assert_array_equal(a["index"], b["index"])
+    for i in range(5):
+      assert a["label"][i] == b["label"][i]
+      flip = not np.array_equal(b["image"][i], a["image"][i])
       want = a["image"][i, :, ::-1] if flip else a["image"][i]
       np.testing.assert_array_equal(b["image"][i], want)
       mirrored += int(flip)
-  assert 0 < mirrored < 15
+  assert 0 < mirrored < 20
 
 
 def test_image_folder(tmp_path):

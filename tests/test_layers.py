@@ -9,7 +9,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Lowest first; a module may import modules of its own layer or of layers below it.
 LAYERS = (
-    ("dsno_jax", "dsno_jax.backend", "dsno_jax.workdir", "dsno_jax.trees",
+    ("dsno_jax", "dsno_jax.backend", "dsno_jax.workdir", "dsno_jax.lock", "dsno_jax.trees",
      "dsno_jax.parallel", "dsno_jax.pictures", "dsno_jax.weights"),  # shared helpers
     ("dsno_jax.diffusion", "dsno_jax.ode"),  # the maths
     ("dsno_jax.data",),
@@ -131,5 +131,5 @@ def test_the_checks_find_an_upward_import_a_cycle_and_an_unplaced_module():
                                  "dsno_jax.training.loop"]]
   with pytest.raises(AssertionError, match="in no layer"):
     layer_of("dsno_jax.somewhere_new")
-  assert "dsno_jax.data.batching" in GRAPH["dsno_jax.data.images"]  # the parser sees imports
+  assert "dsno_jax.data.loader" in GRAPH["dsno_jax.data.images"]  # the parser sees imports
   assert "dsno_jax.models" in GRAPH["dsno_jax.teachers.loading"]

@@ -136,6 +136,16 @@ def test_both_teacher_initialises_the_student_with_the_x_half():
   np.testing.assert_array_equal(sparams["dense0"]["kernel"], tparams["dense0"]["kernel"])
 
 
+@pytest.mark.parametrize("mean_type", ["eps", "v"])
+def test_student_from_an_eps_or_v_teacher_is_refused_naming_the_options(mean_type):
+  """Their conv_out is no x-hat (x-hat needs z_t, which the student never sees): no copy."""
+  config = make_config(conditional=False, mean_type=mean_type)
+  with pytest.raises(ValueError, match=rf"(?s)teacher.mean_type='{mean_type}'.*"
+                     r"train.init_from_teacher=False.*\('x', 'both'\)"):
+    models.student_params_from_teacher(teacher_params(config), student_params(config),
+                                       mean_type)
+
+
 def test_student_from_a_teacher_of_another_config_is_refused():
   small = teacher_params(make_config())
   config = make_config()
@@ -252,7 +262,7 @@ def test_image_size_that_levels_cannot_halve():
   config = make_config()
   config.model.ch_mult = (1, 1, 1)
   config.data.image_size = 6
-  with pytest.raises(ValueError, match=r"image size 6 cannot be halved 2 times"):
+  with pytest.raises(ValueError, match=r"image.size\W*6 cannot be halved 2 times"):
     models.param_shapes(models.init_teacher, config)
 
 

@@ -23,8 +23,8 @@ def reduced_config():
   trajectory.shard_size, trajectory.num_steps = 32, 4
   evaluation = config.eval
   evaluation.num_samples, evaluation.batch_size, evaluation.classifier_steps = 64, 32, 60
-  evaluation.teacher_solvers, evaluation.teacher_nfes = ("ddim",), (2,)
-  evaluation.accurate_solver = "dpm2m"  # a fixed-step stand-in keeps the smoke test short
+  # an adaptive row at a loose tolerance keeps the smoke test short
+  evaluation.teacher_rows = ("ddim:2", "dopri5:1e-2")
   return config
 
 
@@ -40,9 +40,10 @@ def test_every_stage_leaves_its_outputs(finished):
   for path in ("teacher/model.json", "classifier/model.json", "trajectories/dataset_info.json",
                "export/model.json", "samples/samples.npz", "samples/grid.png",
                "samples/trajectories.png", "eval/results.json", "eval/results.md",
-               "eval/fid_vs_nfe.png"):
+               "eval/fid_vs_nfe.png", "eval/memorization.png"):
     assert os.path.exists(os.path.join(workdir, path)), path
-  assert os.listdir(os.path.join(workdir, "logs", "student"))  # TensorBoard events
+  for role in ("student", "eval"):
+    assert os.listdir(os.path.join(workdir, "logs", role))  # TensorBoard events
 
 
 def test_the_table_is_sane(finished):
@@ -53,9 +54,12 @@ def test_the_table_is_sane(finished):
   assert data["class_accuracy"] > 0.8
   dsno = rows[("DSNO", "one step", 1)]
   teacher = rows[("teacher", "ddim", 2)]
-  for row in (dsno, teacher):
+  adaptive = rows[next(k for k in rows if k[1] == "dopri5 (tol 0.01)")]
+  for row in (dsno, teacher, adaptive):
     assert np.isfinite(row["metric"]) and row["metric"] > data["metric"]
     assert 0.0 <= row["class_accuracy"] <= 1.0
+    assert row["nn_train_median"] > 0 and 0.0 <= row["near_copies"] <= 1.0
+  assert adaptive["adaptive"] and adaptive["nfe"] > 6  # the mean NFE the solves made
   assert result["num_samples"] == config.eval.num_samples
 
 

@@ -1,10 +1,12 @@
 """Mode `sample`: one-step samples from an export, equal on 1 and 8 devices, with pictures."""
+import json
 import os
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from PIL import Image
 
 from configs import tiny
 from dsno_jax import models
@@ -23,17 +25,27 @@ def exported(tmp_path_factory):
   return config, workdir, params
 
 
-def test_sample_writes_uint8_samples_and_pictures(exported):
+def test_sample_writes_adm_and_edm_readable_samples_and_pictures(exported):
   config, workdir, _ = exported
   config.eval.num_samples, config.eval.batch_size = 12, 8  # a padded last batch
+  config.eval.save_png = True
   path = sampling.sample(config, workdir)
-  with np.load(path) as f:
-    images, labels = f["images"], f["labels"]
+  with np.load(path) as f:  # ADM's evaluator reads arr_0 (uint8 NHWC); labels in arr_1
+    assert sorted(f.files) == ["arr_0", "arr_1"]
+    images, labels = f["arr_0"], f["arr_1"]
   assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
   assert labels.shape == (12,) and labels.min() >= 0 and labels.max() < 10
   assert images.std() > 0  # random parameters give non-constant pictures
   for name in ("grid.png", "trajectories.png"):
     assert os.path.getsize(os.path.join(workdir, "samples", name)) > 100
+  # EDM's fid.py reads a folder of PNGs; its dataset tool, labels from dataset.json
+  folder = os.path.join(workdir, "samples", sampling.PNG_FOLDER)
+  pngs = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+  assert len(pngs) == 12 and pngs[0] == "000000.png"
+  np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(folder, pngs[5]))),
+                                images[5, ..., 0])
+  with open(os.path.join(folder, "dataset.json")) as f:
+    assert json.load(f)["labels"][5] == ["000005.png", int(labels[5])]
 
 
 def test_eight_devices_equal_one(exported):

@@ -74,6 +74,25 @@ def test_pd_msgpack_gives_the_same_denoiser(teacher, tmp_path):
   assert np.mean(np.abs(x_hat) < 0.99) > 0.5  # mostly not clipped: a real comparison
 
 
+def test_teacher_dtype_is_its_own_not_the_students(teacher, tmp_path):
+  """A bfloat16 student (model.dtype) keeps a float32 teacher unless teacher.dtype says so."""
+  params, inputs, x_hat = teacher
+  config = _tiny()
+  config.teacher.checkpoint = _pd_checkpoint(tmp_path / "pd.msgpack", params)
+  config.model.dtype = "bfloat16"
+  denoise, identity = loading.load_teacher(config, str(tmp_path / "unused"))
+  np.testing.assert_allclose(np.asarray(_apply(denoise, *inputs)), x_hat, rtol=1e-4, atol=1e-4)
+  assert "dtype" not in identity
+  config.teacher.dtype = "bfloat16"
+  denoise, identity = loading.load_teacher(config, str(tmp_path / "unused"))
+  bf16 = np.asarray(_apply(denoise, *inputs))
+  assert identity.endswith(":dtype=bfloat16")  # trajectories record it
+  assert 1e-3 < np.abs(bf16 - x_hat).max() < 0.2  # bfloat16 really ran, and stayed close
+  config.teacher.dtype = "float16"
+  with pytest.raises(ValueError, match=r"teacher.dtype='float16'; expected one of"):
+    loading.load_teacher(config, str(tmp_path / "unused"))
+
+
 def test_pd_msgpack_with_merged_kernel_axes_is_reshaped(teacher, tmp_path):
   params, inputs, x_hat = teacher
   config = _tiny()

@@ -173,7 +173,7 @@ def test_train_student_reads_the_trajectory_dataset_and_starts_from_the_teacher(
   config = student_config(num_steps=2, fsdp=True, init_from_teacher=True)
   config.trajectory.num_examples, config.trajectory.shard_size = 16, 8
   directory = str(tmp_path / "trajectories")
-  plan = generate.plan_from_config(config, "synthetic")
+  plan = dict(generate.plan_from_config(config, "synthetic"), noise="stored")
   trajectories.prepare(directory, plan)
   for shard in range(2):
     trajectories.write_shard(directory, plan, shard,

@@ -1,4 +1,5 @@
-"""Trajectory dataset files: write/read round trip, resume-safe plans, deterministic batches."""
+"""Trajectory dataset files: write/read round trip, format 2 (seeded noise, float16), resume-safe
+plans, deterministic batches."""
 import json
 import os
 
@@ -12,9 +13,10 @@ NUM_EXAMPLES, SHARD_SIZE, K, SHAPE = 20, 8, 3, (4, 4, 1)
 
 
 def _plan(**overrides):
-  plan = {"num_examples": NUM_EXAMPLES, "shard_size": SHARD_SIZE, "image_shape": list(SHAPE),
-          "num_times": K, "targets_dtype": "float32", "save_times": [0.5, 0.25, 0.0],
-          "solver": "ddim", "teacher": "test"}
+  plan = {"format": trajectories.FORMAT, "num_examples": NUM_EXAMPLES,
+          "shard_size": SHARD_SIZE, "image_shape": list(SHAPE), "num_times": K,
+          "targets_dtype": "float32", "noise": "stored", "seed": 0, "num_classes": 10,
+          "save_times": [0.5, 0.25, 0.0], "solver": "ddim", "teacher": "test"}
   plan.update(overrides)
   return plan
 
@@ -122,10 +124,13 @@ def test_host_slices_partition_the_global_batch(dataset):
   parts = [_take(trajectories.batch_iterator(dataset, global_batch_size=8, seed=2,
                                              process_index=p, process_count=4), 4)
            for p in range(4)]
-  for step in range(4):
-    for key in whole[step]:
-      joined = np.concatenate([parts[p][step][key] for p in range(4)])
-      np.testing.assert_array_equal(joined, whole[step][key])
+  for step in range(4):  # the hosts' rows of a step are disjoint and together the global batch
+    joined = np.concatenate([parts[p][step]["index"] for p in range(4)])
+    assert len(set(joined.tolist())) == 8
+    np.testing.assert_array_equal(np.sort(joined), np.sort(whole[step]["index"]))
+    for p in range(4):
+      want = _examples(range(NUM_EXAMPLES))["targets"][parts[p][step]["index"]]
+      np.testing.assert_array_equal(parts[p][step]["targets"], want)
   with pytest.raises(ValueError, match="not divisible"):
     next(trajectories.batch_iterator(dataset, global_batch_size=6, seed=0, process_index=0,
                                      process_count=4))
@@ -170,3 +175,83 @@ def test_write_shard_checks_indices(tmp_path):
   assert trajectories.existing_shards(str(tmp_path), plan) == set()
   with open(tmp_path / trajectories.PLAN_FILE) as f:
     assert json.load(f)["num_examples"] == NUM_EXAMPLES
+
+
+def _seeded_examples(indices, seed=7):
+  """Examples whose noise is what (seed, index) regenerates, with smooth float32 targets."""
+  from dsno_jax.data import noise as noise_lib
+  indices = np.asarray(list(indices))
+  noise, labels = noise_lib.example_inputs(indices, seed=seed, image_shape=SHAPE, num_classes=10)
+  noise = np.asarray(noise)
+  targets = np.tanh(np.linspace(0.2, 1.0, K)[None, :, None, None, None] * noise[:, None])
+  return {"noise": noise, "targets": targets.astype(np.float32),
+          "label": np.asarray(labels), "index": indices}
+
+
+def _write_seeded(directory, plan):
+  assert not trajectories.prepare(directory, plan)
+  total = trajectories.num_shards(plan["num_examples"], plan["shard_size"])
+  for shard in range(total):
+    indices = trajectories.shard_range(shard, plan["num_examples"], plan["shard_size"])
+    trajectories.write_shard(directory, plan, shard, _seeded_examples(indices, plan["seed"]))
+  trajectories.finalize(directory, plan)
+
+
+def test_format_2_regenerates_the_noise_and_stores_float16_targets(tmp_path):
+  directory = str(tmp_path / "v2")
+  plan = _plan(noise="seeded", seed=7, targets_dtype="float16")
+  _write_seeded(directory, plan)
+  source = tfds.builder_from_directory(directory).as_data_source(split="train")
+  assert "noise" not in source[0] and source[0]["noise_check"].shape == (4,)
+  meta = trajectories.read_metadata(directory)
+  trajectories.check_noise(directory, meta)  # passes: the stored checks match
+  want = _seeded_examples(range(NUM_EXAMPLES), seed=7)
+  batch = next(trajectories.batch_iterator(directory, global_batch_size=NUM_EXAMPLES, seed=0,
+                                           process_index=0, process_count=1))
+  assert "noise" not in batch
+  from dsno_jax.data import noise as noise_lib
+  regenerated, labels = noise_lib.example_inputs(batch["index"], seed=7, image_shape=SHAPE,
+                                                 num_classes=10)
+  np.testing.assert_array_equal(np.asarray(regenerated), want["noise"][batch["index"]])
+  np.testing.assert_array_equal(batch["label"], np.asarray(labels))
+  error = np.abs(batch["targets"] - want["targets"][batch["index"]]).max()
+  assert 0 < error <= 4.9e-4  # float16 spacing in [-1, 1] is at most 2**-11 = 4.9e-4
+
+
+def test_noise_of_another_seed_is_an_error(tmp_path):
+  directory = str(tmp_path / "v2")
+  plan = _plan(noise="seeded", seed=7)
+  _write_seeded(directory, plan)
+  meta = trajectories.read_metadata(directory)
+  meta["seed"] = 8
+  with pytest.raises(ValueError, match="is not what seed 8 regenerates.*--mode=generate"):
+    trajectories.check_noise(directory, meta)
+
+
+def test_a_format_1_dataset_names_the_regeneration_command(tmp_path):
+  directory = str(tmp_path / "v1")
+  plan = _plan()
+  _write(directory, plan)
+  trajectories.finalize(directory, plan)
+  for name in os.listdir(directory):  # what a format-1 dataset's metadata says
+    if name.endswith(".json"):
+      with open(os.path.join(directory, name)) as f:
+        text = f.read()
+      with open(os.path.join(directory, name), "w") as f:
+        f.write(text.replace(trajectories.FORMAT, "dsno_jax.trajectories/1"))
+  with pytest.raises(ValueError, match=r"format 'dsno_jax.trajectories/1'.*--mode=generate"):
+    trajectories.read_metadata(directory)
+
+
+def test_a_cifar10_sized_trajectory_takes_at_most_25_kB(tmp_path):
+  shape, k, n = (32, 32, 3), 4, 64
+  plan = _plan(noise="seeded", targets_dtype="float16", image_shape=list(shape), num_times=k,
+               num_examples=n, shard_size=n)
+  trajectories.prepare(str(tmp_path), plan)
+  rng = np.random.default_rng(0)
+  targets = np.clip(rng.normal(0, 0.5, (n, k) + shape), -1, 1).astype(np.float32)
+  trajectories.write_shard(str(tmp_path), plan, 0, {
+      "noise": rng.normal(size=(n,) + shape), "targets": targets,
+      "label": np.zeros(n, np.int32), "index": np.arange(n)})
+  path = trajectories.shard_path(str(tmp_path), 0, 1)
+  assert os.path.getsize(path) / n <= 25_000

@@ -4,15 +4,15 @@ Sources: the project's digits builder (built offline on first use), any prepared
 data set (`cifar10`, `imagenet_resized/64x64`, ...) and a folder of images (TFDS
 ImageFolder: ROOT/SPLIT/LABEL/*.png). Nothing is ever downloaded.
 
-Order: data/batching.py's epoch permutations; the horizontal flips of a step are drawn from
-(seed, step), so they too are the same for a resumed run.
+Order: data/loader.py's epoch permutations; the horizontal flips are drawn from the seed and
+the position in the stream, so they too are the same for a resumed run, on any host count.
 """
 import os
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from dsno_jax.data import batching
+from dsno_jax.data import loader
 from dsno_jax.workdir import Workdir
 
 # Above this many bytes, a split stored as TFRecord is too big to hold in memory on every
@@ -32,6 +32,9 @@ class InMemorySource:
   def get(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return self.images[indices], self.labels[indices]
 
+  def __getitem__(self, index: int) -> Tuple[np.ndarray, int]:
+    return self.images[index], int(self.labels[index])
+
 
 class RandomAccessSource:
   """A TFDS data source (array_record files): reads only the requested examples."""
@@ -47,6 +50,10 @@ class RandomAccessSource:
     images = np.stack([np.asarray(e["image"]) for e in examples])
     labels = np.asarray([int(e.get("label", 0)) for e in examples], np.int32)
     return images, labels
+
+  def __getitem__(self, index: int) -> Tuple[np.ndarray, int]:
+    example = self.data_source[int(index)]
+    return np.asarray(example["image"]), int(example.get("label", 0))
 
 
 def default_data_dir(config, workdir: str) -> str:
@@ -160,37 +167,42 @@ def load_source(config, workdir: str, split: Optional[str] = None):
   return InMemorySource(images, labels)
 
 
-def flips(step: int, global_batch_size: int, seed: int) -> np.ndarray:
-  """Which examples (B,) of a step are mirrored left-right."""
-  return np.random.default_rng([seed, 1, step]).random(global_batch_size) < 0.5
-
-
 def to_model_range(images: np.ndarray) -> np.ndarray:
   """uint8 [0, 255] -> float32 [-1, 1]."""
   return images.astype(np.float32) * (2.0 / 255.0) - 1.0
 
 
+def _decode(items) -> Dict[str, np.ndarray]:
+  return {"image": to_model_range(np.stack([image for _, (image, _) in items])),
+          "label": np.asarray([label for _, (_, label) in items], np.int32),
+          "index": np.asarray([index for index, _ in items], np.int32)}
+
+
+def _mirror(item, rng: np.random.Generator):
+  """Mirrors the image left-right with probability 1/2."""
+  index, (image, label) = item
+  return (index, (image[:, ::-1] if rng.random() < 0.5 else image, label))
+
+
+def batches(source, *, global_batch_size: int, seed: int, random_flip: bool = False,
+            process_index: Optional[int] = None, process_count: Optional[int] = None):
+  """This host's indexable batches (a Grain MapDataset; element s is step s's batch)."""
+  process_index, process_count = loader.process_of(process_index, process_count)
+  return loader.batches(source, _decode, global_batch_size=global_batch_size, seed=seed,
+                        process_index=process_index, process_count=process_count,
+                        augment=_mirror if random_flip else None)
+
+
 def batch_iterator(source, *, global_batch_size: int, seed: int, start_step: int = 0,
                    random_flip: bool = False, process_index: Optional[int] = None,
-                   process_count: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
+                   process_count: Optional[int] = None,
+                   num_workers: int = 0) -> Iterator[Dict[str, np.ndarray]]:
   """This host's rows of every step's batch from start_step on (endless).
 
-  Yields {"image": float32 (b, H, W, C) in [-1, 1], "label": int32 (b,)} with
-  b = global_batch_size / process_count.
+  Yields {"image": float32 (b, H, W, C) in [-1, 1], "label": int32 (b,), "index": int32 (b,)}
+  with b = global_batch_size / process_count; batch s depends only on (seed, s).
   """
-  if process_index is None or process_count is None:
-    import jax
-    process_index, process_count = jax.process_index(), jax.process_count()
-  rows = batching.local_rows(global_batch_size, process_index, process_count)
-  step = start_step
-  while True:
-    indices = batching.step_indices(step, num_examples=len(source),
-                                    global_batch_size=global_batch_size, seed=seed,
-                                    process_index=process_index, process_count=process_count)
-    images, labels = source.get(indices)
-    images = to_model_range(images)
-    if random_flip:
-      mirrored = flips(step, global_batch_size, seed)[rows]
-      images = np.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
-    yield {"image": images, "label": labels.astype(np.int32)}
-    step += 1
+  return loader.iterate(batches(source, global_batch_size=global_batch_size, seed=seed,
+                                random_flip=random_flip, process_index=process_index,
+                                process_count=process_count), start_step,
+                        num_workers=num_workers)

@@ -1,16 +1,22 @@
-"""Trajectory datasets on disk: TFDS ArrayRecord shards of (noise, targets, label, index)."""
+"""Trajectory datasets on disk: TFDS ArrayRecord shards of (targets, label, index, noise or its check).
+
+Format 2: the targets are float16 by default (their spacing near 1, 4.9e-4, lies well below
+the error of the teacher trajectories they record), and the noise of a generated dataset is
+not stored: it is regenerated from (seed, index) (`data.noise.example_inputs`), with four of
+its values stored per example so that a mismatch is an error. Imported datasets, whose noise
+no seed reproduces, store it ("noise": "stored").
+"""
 import json
 import os
-from typing import Dict, Iterator, Optional, Sequence, Set
+from typing import Dict, Iterator, Optional, Set
 
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import example_serializer
 
 from dsno_jax import diffusion
-from dsno_jax.data import batching
+from dsno_jax.data import loader
 
 DATASET_NAME = "trajectories"
 SPLIT = "train"
@@ -18,9 +24,15 @@ FILE_FORMAT = "array_record"
 PLAN_FILE = "generation.json"  # what is being generated; written before the first shard
 _COMPLETE_FILE = "dataset_info.json"  # written by tfds.folder_dataset.write_metadata, last
 _TMP_PREFIX = ".incomplete-"
+FORMAT = "dsno_jax.trajectories/2"
 TARGETS_DTYPES = {"float32": np.float32, "float16": np.float16}
+NOISE_MODES = ("seeded", "stored")  # regenerated from (seed, index), or stored per example
+NOISE_CHECK_SIZE = 4  # noise values stored per seeded example to check its regeneration
 # Plan entries that fix the layout of the files (the rest is recorded, and checked on resume).
-_LAYOUT_KEYS = ("num_examples", "shard_size", "image_shape", "num_times", "targets_dtype")
+_LAYOUT_KEYS = ("format", "num_examples", "shard_size", "image_shape", "num_times",
+                "targets_dtype", "noise", "seed", "num_classes")
+REGENERATE = ("move {directory} aside and run `python -m dsno_jax.main --config=... "
+              "--workdir=... --mode=generate` (the same config) to write it again")
 
 
 def num_shards(num_examples: int, shard_size: int) -> int:
@@ -33,17 +45,27 @@ def shard_range(shard: int, num_examples: int, shard_size: int) -> range:
 
 
 def features(plan: Dict) -> tfds.features.FeaturesDict:
-  """noise (H, W, C) float32, targets (K, H, W, C), label int32, index int64."""
+  """targets (K, H, W, C), label int32, index int64, and noise (H, W, C) float32 when stored
+  or noise_check (4,) float32 when seeded."""
   image_shape = tuple(plan["image_shape"])
   targets_dtype = TARGETS_DTYPES[plan["targets_dtype"]]
   raw = tfds.features.Encoding.BYTES  # raw bytes: much faster than a float list per pixel
+  noise = ({"noise": tfds.features.Tensor(shape=image_shape, dtype=np.float32, encoding=raw)}
+           if plan["noise"] == "stored" else
+           {"noise_check": tfds.features.Tensor(shape=(NOISE_CHECK_SIZE,), dtype=np.float32)})
   return tfds.features.FeaturesDict({
-      "noise": tfds.features.Tensor(shape=image_shape, dtype=np.float32, encoding=raw),
       "targets": tfds.features.Tensor(shape=(plan["num_times"],) + image_shape,
                                       dtype=targets_dtype, encoding=raw),
       "label": tfds.features.Tensor(shape=(), dtype=np.int32),
       "index": tfds.features.Tensor(shape=(), dtype=np.int64),
+      **noise,
   })
+
+
+def noise_check(noise: np.ndarray) -> np.ndarray:
+  """(n, NOISE_CHECK_SIZE) float32: the values stored to check a regenerated noise (n, ...)."""
+  flat = np.asarray(noise, np.float32).reshape(len(noise), -1)
+  return flat[:, np.linspace(0, flat.shape[1] - 1, NOISE_CHECK_SIZE).astype(int)]
 
 
 def _template(directory: str) -> tfds.core.ShardedFileTemplate:
@@ -60,6 +82,10 @@ def _check_plan(plan: Dict):
   missing = [k for k in _LAYOUT_KEYS if k not in plan]
   if missing:
     raise ValueError(f"trajectory plan lacks {missing}")
+  if plan["format"] != FORMAT:
+    raise ValueError(f"trajectory format {plan['format']!r}; this version writes {FORMAT!r}")
+  if plan["noise"] not in NOISE_MODES:
+    raise ValueError(f"noise={plan['noise']!r}; expected one of {NOISE_MODES}")
   if plan["targets_dtype"] not in TARGETS_DTYPES:
     raise ValueError(f"targets_dtype={plan['targets_dtype']!r}; expected one of "
                      f"{sorted(TARGETS_DTYPES)}")
@@ -127,6 +153,8 @@ def existing_shards(directory: str, plan: Dict) -> Set[int]:
 def write_shard(directory: str, plan: Dict, shard: int, examples: Dict[str, np.ndarray]) -> str:
   """Writes shard `shard` from arrays noise (n,H,W,C), targets (n,K,H,W,C), label, index.
 
+  The noise is stored whole or as its check values, as the plan says.
+
   Written to a temporary name, synced and renamed, so the shard file exists only complete.
   """
   total = num_shards(plan["num_examples"], plan["shard_size"])
@@ -141,11 +169,16 @@ def write_shard(directory: str, plan: Dict, shard: int, examples: Dict[str, np.n
   path = shard_path(directory, shard, total)
   tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.path.basename(path)}")
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")  # random access
+  noise = np.asarray(examples["noise"], np.float32)
+  checks = noise_check(noise)
   try:
     for i in range(len(index)):
-      example = {"noise": np.asarray(examples["noise"][i], np.float32),
-                 "targets": np.asarray(examples["targets"][i]).astype(targets_dtype),
+      example = {"targets": np.asarray(examples["targets"][i]).astype(targets_dtype),
                  "label": np.int32(examples["label"][i]), "index": np.int64(index[i])}
+      if plan["noise"] == "stored":
+        example["noise"] = noise[i]
+      else:
+        example["noise_check"] = checks[i]
       writer.write(serializer.serialize_example(feats.encode_example(example)))
   finally:
     writer.close()
@@ -194,7 +227,33 @@ def _require_complete(directory: str):
 def read_metadata(directory: str) -> Dict:
   """Save times, log-SNRs, solver, grid, steps, NFE, teacher identity, image shape, ..."""
   _require_complete(directory)
-  return dict(tfds.builder_from_directory(directory).info.metadata)
+  metadata = dict(tfds.builder_from_directory(directory).info.metadata)
+  if metadata.get("format") != FORMAT:
+    raise ValueError(
+        f"the trajectory dataset at {directory} has format {metadata.get('format')!r}; this "
+        f"version reads {FORMAT!r} (float16 targets, noise regenerated from the seed): "
+        + REGENERATE.format(directory=directory))
+  return metadata
+
+
+def check_noise(directory: str, metadata: Dict, num_checks: int = 8) -> None:
+  """ValueError unless the noise regenerated for a few examples matches their stored check."""
+  if metadata["noise"] != "seeded":
+    return
+  from dsno_jax.data import noise as noise_lib  # jax computation, only when checking
+  source = _open_source(directory)
+  indices = np.unique(np.linspace(0, len(source) - 1, num_checks).astype(np.int64))
+  stored = np.stack([e["noise_check"] for e in source.__getitems__(indices.tolist())])
+  noise, _ = noise_lib.example_inputs(indices, seed=int(metadata["seed"]),
+                                      image_shape=tuple(metadata["image_shape"]),
+                                      num_classes=int(metadata["num_classes"]))
+  regenerated = noise_check(np.asarray(noise))
+  if not np.allclose(regenerated, stored, rtol=1e-4, atol=1e-5):
+    raise ValueError(
+        f"the noise of the trajectories in {directory} is not what seed {metadata['seed']} "
+        f"regenerates (examples {indices.tolist()}: stored {stored[:2].tolist()}..., now "
+        f"{regenerated[:2].tolist()}...); it was written by another version of the noise: "
+        + REGENERATE.format(directory=directory))
 
 
 def _open_source(directory: str):
@@ -202,37 +261,90 @@ def _open_source(directory: str):
   return tfds.builder_from_directory(directory).as_data_source(split=SPLIT)
 
 
-def _read(source, indices: Sequence[int]) -> Dict[str, np.ndarray]:
-  examples = source.__getitems__([int(i) for i in indices])
-  batch = {
-      "noise": np.stack([e["noise"] for e in examples]).astype(np.float32),
-      "targets": np.stack([e["targets"] for e in examples]).astype(np.float32),
-      "label": np.asarray([e["label"] for e in examples], np.int32),
-      "index": np.asarray([e["index"] for e in examples], np.int64),
-  }
-  if not np.array_equal(batch["index"], indices):
-    raise ValueError("trajectory dataset is corrupt: records are not stored in index order")
-  return batch
+def _shard_of(directory: str, metadata: Dict, index: int) -> str:
+  total = num_shards(metadata["num_examples"], metadata["shard_size"])
+  return shard_path(directory, index // metadata["shard_size"], total)
+
+
+def _damaged(directory: str, path: str, error: Exception) -> ValueError:
+  return ValueError(
+      f"trajectory shard {path} is damaged ({type(error).__name__}: {error}); delete that file "
+      f"and {os.path.join(directory, _COMPLETE_FILE)}, then run --mode=generate again with the "
+      "same config: it rewrites only the missing shard")
+
+
+def record_source(directory: str, metadata: Dict):
+  """Random access to the serialized records, example i at position i; every shard checked."""
+  import grain.python as grain_python
+  total = num_shards(metadata["num_examples"], metadata["shard_size"])
+  paths = [shard_path(directory, s, total) for s in range(total)]
+  for shard, path in enumerate(paths):
+    want = len(shard_range(shard, metadata["num_examples"], metadata["shard_size"]))
+    try:
+      reader = array_record_module.ArrayRecordReader(path)
+      count = reader.num_records()
+      reader.close()
+    except Exception as e:  # array_record raises several types for missing or broken files
+      raise _damaged(directory, path, e) from None
+    if count != want:
+      raise _damaged(directory, path, ValueError(f"{count} records, expected {want}"))
+  return grain_python.ArrayRecordDataSource(paths)
+
+
+def decoder(directory: str, metadata: Dict):
+  """decode([(index, record), ...]) -> {targets float32, label int32, index int32, [noise]}."""
+  from tensorflow.core.example import example_pb2  # protos only: a batch parses in one call
+  image_shape = tuple(metadata["image_shape"])
+  targets_shape = (metadata["num_times"],) + image_shape
+  targets_dtype = TARGETS_DTYPES[metadata["targets_dtype"]]
+  stored_noise = metadata["noise"] == "stored"
+
+  def decode(items) -> Dict[str, np.ndarray]:
+    targets, labels, indices, noise = [], [], [], []
+    for position, record in items:
+      try:
+        feature = example_pb2.Example.FromString(record).features.feature
+        targets.append(np.frombuffer(feature["targets"].bytes_list.value[0], targets_dtype)
+                       .reshape(targets_shape))
+        labels.append(feature["label"].int64_list.value[0])
+        indices.append(feature["index"].int64_list.value[0])
+        if stored_noise:
+          noise.append(np.frombuffer(feature["noise"].bytes_list.value[0], np.float32)
+                       .reshape(image_shape))
+      except Exception as e:  # a record that does not parse: name its shard
+        raise _damaged(directory, _shard_of(directory, metadata, position), e) from None
+      if indices[-1] != position:
+        raise _damaged(directory, _shard_of(directory, metadata, position),
+                       ValueError(f"record {position} holds index {indices[-1]}"))
+    batch = {"targets": np.stack(targets).astype(np.float32),
+             "label": np.asarray(labels, np.int32), "index": np.asarray(indices, np.int32)}
+    if stored_noise:
+      batch["noise"] = np.stack(noise)
+    return batch
+
+  return decode
+
+
+def batches(directory: str, *, global_batch_size: int, seed: int,
+            process_index: Optional[int] = None, process_count: Optional[int] = None):
+  """This host's indexable batches (a Grain MapDataset; element s is step s's batch)."""
+  metadata = read_metadata(directory)
+  process_index, process_count = loader.process_of(process_index, process_count)
+  return loader.batches(record_source(directory, metadata), decoder(directory, metadata),
+                        global_batch_size=global_batch_size, seed=seed,
+                        process_index=process_index, process_count=process_count)
 
 
 def batch_iterator(directory: str, *, global_batch_size: int, seed: int, start_step: int = 0,
-                   process_index: Optional[int] = None,
-                   process_count: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
-  """Endless per-host batches {noise (b,H,W,C), targets (b,K,H,W,C) float32, label, index}.
+                   process_index: Optional[int] = None, process_count: Optional[int] = None,
+                   num_workers: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+  """Endless per-host batches {targets (b,K,H,W,C) float32, label, index, [noise (b,H,W,C)]}.
 
-  b = global_batch_size / process_count, in data/batching.py's order, so a run resumed at
-  `start_step` reads exactly the batches it would have read.
+  b = global_batch_size / process_count; batch s depends only on (seed, s) (data/loader.py).
   """
-  source = _open_source(directory)
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  batching.local_rows(global_batch_size, process_index, process_count)  # fails early
-  step = start_step
-  while True:
-    yield _read(source, batching.step_indices(
-        step, num_examples=len(source), global_batch_size=global_batch_size, seed=seed,
-        process_index=process_index, process_count=process_count))
-    step += 1
+  return loader.iterate(batches(directory, global_batch_size=global_batch_size, seed=seed,
+                                process_index=process_index, process_count=process_count),
+                        start_step, num_workers=num_workers)
 
 
 def check_logsnrs(config, directory: str) -> np.ndarray:

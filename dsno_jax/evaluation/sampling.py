@@ -1,19 +1,68 @@
-"""One-step sampling: one network evaluation maps noise to K outputs; the last is the sample."""
+"""Sampling for evaluation: DSNO's one step (K outputs, the last is the sample), and the teacher's
+ODE solvers from the same noise, both logged with progress and an ETA."""
+import functools
+import json
 import os
+import time
 from typing import Callable, Tuple
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from dsno_jax import diffusion, export, models, parallel, pictures
+from dsno_jax import diffusion, export, models, ode, parallel, pictures
 from dsno_jax.data import noise as noise_lib
 from dsno_jax.workdir import Workdir
 
 # Samples draw their noise from a stream of their own, never from the training trajectories'.
 SAMPLE_SEED_OFFSET = 1_000_003
+_LOG_EVERY_S = 10.0
+PNG_FOLDER = "png"  # WORKDIR/samples/png: one PNG per sample (eval.save_png)
+
+
+class Progress:
+  """Logs 'what: done/total, items/s, ETA' at most every _LOG_EVERY_S seconds and at the end."""
+
+  def __init__(self, what: str, total: int):
+    self.what, self.total, self.done = what, int(total), 0
+    self.start = self.last_log = time.time()
+
+  def update(self, n: int):
+    self.done += int(n)
+    now = time.time()
+    if now - self.last_log < _LOG_EVERY_S and self.done < self.total:
+      return
+    self.last_log = now
+    rate = self.done / max(now - self.start, 1e-9)
+    if self.done < self.total:
+      logging.info("%s: %d/%d, %.1f/s, ETA %.0f s", self.what, self.done, self.total, rate,
+                   (self.total - self.done) / max(rate, 1e-9))
+    else:
+      logging.info("%s: %d in %.1f s", self.what, self.total, now - self.start)
+
+
+def draw_logged(fn: Callable, params, num_examples: int, batch_size: int, mesh: Mesh,
+                what: str) -> Tuple:
+  """`parallel.draw` of examples 0..num_examples-1, batch by batch with progress logged; each
+  example's value still depends only on its index."""
+  progress, pieces = Progress(what, num_examples), []
+  for start in range(0, num_examples, batch_size):
+    n = min(batch_size, num_examples - start)
+    offset = functools.partial(lambda p, indices, start: fn(p, indices + start), start=start)
+    pieces.append(parallel.draw(offset, params, n, batch_size, mesh))
+    progress.update(n)
+  return tuple(np.concatenate(p) for p in zip(*pieces))
+
+
+def sample_inputs(config, indices):
+  """(noise (B, H, W, C), labels (B,)) of the evaluation's examples `indices`: the same for the
+  student and every teacher row."""
+  size, channels = config.data.image_size, config.data.channels
+  return noise_lib.example_inputs(indices, seed=config.seed + SAMPLE_SEED_OFFSET,
+                                  image_shape=(size, size, channels),
+                                  num_classes=config.data.num_classes)
 
 
 def make_sampler(config, mesh) -> Callable:
@@ -24,13 +73,10 @@ def make_sampler(config, mesh) -> Callable:
   """
   model = models.student_from_config(config)
   logsnr = jnp.asarray(diffusion.save_logsnrs(config))
-  size, channels = config.data.image_size, config.data.channels
   num_classes = config.data.num_classes
 
   def draw(params, indices):
-    noise, labels = noise_lib.example_inputs(
-        indices, seed=config.seed + SAMPLE_SEED_OFFSET, image_shape=(size, size, channels),
-        num_classes=num_classes)
+    noise, labels = sample_inputs(config, indices)
     y = labels if num_classes > 1 else None
     return noise, labels, model.apply({"params": params}, noise, logsnr, y, train=False)
 
@@ -43,11 +89,82 @@ def draw_samples(config, params, num_samples: int, batch_size: int, mesh=None
                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(noise, labels, outputs) of examples 0..num_samples-1 as numpy, on every host."""
   mesh = mesh or parallel.make_mesh()
-  return parallel.draw(make_sampler(config, mesh), params, num_samples, batch_size, mesh)
+  return draw_logged(make_sampler(config, mesh), params, num_samples, batch_size, mesh,
+                     "DSNO samples")
+
+
+def make_teacher_sampler(config, mesh, solver: str, num_steps: int = 1,
+                         tolerance: float = 1e-4) -> Callable:
+  """jit (denoise, indices (B,) on `data`) -> (labels, x_hat at t=0 (B, H, W, C), nfe (B,),
+  successful (B,)): the teacher's PF-ODE sample from the noise of `sample_inputs`.
+
+  Fixed-step solvers take `num_steps` uniform-t steps (exactly num_steps evaluations);
+  adaptive ones run at rtol = atol = tolerance and report the evaluations each sample made.
+  """
+  schedule = config.diffusion
+  conditional = config.data.num_classes > 1
+
+  def solve(denoise, indices):
+    noise, labels = sample_inputs(config, indices)
+    x_hat, stats = ode.trajectory_and_stats(
+        denoise, noise, (0.0,), solver=solver, num_steps=num_steps, grid="uniform_t",
+        y=labels if conditional else None, rtol=tolerance, atol=tolerance,
+        logsnr_min=schedule.logsnr_min, logsnr_max=schedule.logsnr_max)
+    return labels, x_hat[:, -1], stats["nfe"] + stats["target_nfe"], stats["successful"]
+
+  # Every device solves its own rows (shard_map): left to the SPMD partitioner, diffrax's
+  # loop would be pinned to one device.
+  batch, whole = PartitionSpec("data"), PartitionSpec()
+  solve = jax.shard_map(solve, mesh=mesh, in_specs=(whole, batch), out_specs=(batch,) * 4,
+                        check_vma=False)
+  data, replicated = NamedSharding(mesh, batch), NamedSharding(mesh, whole)
+  return jax.jit(solve, in_shardings=(replicated, data), out_shardings=(data,) * 4)
+
+
+def teacher_samples(config, denoise, solver: str, mesh, *, nfe: int = 1, tolerance: float = 1e-4
+                    ) -> Tuple[np.ndarray, np.ndarray, float]:
+  """(uint8 samples (N, H, W, C), labels (N,), mean NFE per sample) of the teacher with
+  `solver` at `nfe` (fixed-step) or `tolerance` (adaptive), N = config.eval.num_samples.
+
+  A fixed-step solver at "NFE n" makes exactly n network evaluations per sample (ode.nfe).
+  """
+  adaptive = solver in ode.ADAPTIVE_SOLVERS
+  if not adaptive:
+    made = ode.nfe(solver, nfe, "uniform_t", (0.0,), config.diffusion.logsnr_min,
+                   config.diffusion.logsnr_max)
+    if made != nfe:
+      raise ValueError(f"teacher row {solver}:{nfe} would make {made} evaluations; expected "
+                       f"{nfe} (a uniform-t grid with one step per evaluation)")
+  what = f"teacher {solver} " + (f"tol {tolerance:g}" if adaptive else f"NFE {nfe}")
+  labels, x_hat, count, successful = draw_logged(
+      make_teacher_sampler(config, mesh, solver, nfe, tolerance), denoise,
+      config.eval.num_samples, config.eval.batch_size, mesh, what)
+  if not successful.all():
+    logging.warning("%s: %d of %d adaptive solves ran out of steps (MAX_ADAPTIVE_STEPS=%d)",
+                    what, int(np.sum(~successful)), len(successful), ode.MAX_ADAPTIVE_STEPS)
+  return pictures.to_uint8(x_hat), labels, float(np.mean(count))
+
+
+def write_png_folder(directory: str, images_u8: np.ndarray, labels=None) -> str:
+  """One PNG per image (000000.png, ...), plus EDM's dataset.json {"labels": [[name, label]]}
+  when labels are given: the folder layout EDM's fid.py and dataset tool read."""
+  os.makedirs(directory, exist_ok=True)
+  names = [f"{i:06d}.png" for i in range(len(images_u8))]
+  for name, image in zip(names, images_u8):
+    pictures.save_png(image, os.path.join(directory, name))
+  if labels is not None:
+    with open(os.path.join(directory, "dataset.json"), "w") as f:
+      json.dump({"labels": [[n, int(y)] for n, y in zip(names, labels)]}, f)
+  return directory
 
 
 def sample(config, workdir: str) -> str:
-  """Writes WORKDIR/samples/{samples.npz, grid.png, trajectories.png}; returns the npz path."""
+  """Writes WORKDIR/samples/{samples.npz, grid.png, trajectories.png} (and png/ with
+  eval.save_png); returns the npz path.
+
+  samples.npz holds `arr_0` (uint8 (N, H, W, C)) and, class-conditional, `arr_1` (labels
+  (N,)): the layout ADM's evaluator reads.
+  """
   parallel.initialize_distributed(config)
   params, exported = export.load_student(workdir)
   # the exported config builds the network; the run's config says how many samples
@@ -55,13 +172,21 @@ def sample(config, workdir: str) -> str:
   noise, labels, outputs = draw_samples(exported, params, config.eval.num_samples,
                                         config.eval.batch_size)
   run = Workdir(workdir)
+  images = pictures.to_uint8(outputs[:, -1])
+  conditional = exported.data.num_classes > 1
   if jax.process_index() == 0:
     os.makedirs(run.samples, exist_ok=True)
-    np.savez(run.samples_npz, images=pictures.to_uint8(outputs[:, -1]), labels=labels)
+    np.savez(run.samples_npz, *((images, labels) if conditional else (images,)))
+    if config.eval.save_png:
+      write_png_folder(os.path.join(run.samples, PNG_FOLDER), images,
+                       labels if conditional else None)
     scale = max(1, 64 // exported.data.image_size)
     pictures.save_png(pictures.image_grid(outputs[:100, -1]),
                       os.path.join(run.samples, "grid.png"), scale)
-    pictures.save_png(pictures.trajectory_strips(noise[:8], outputs[:8]),
-                      os.path.join(run.samples, "trajectories.png"), scale)
+    save_times = tuple(exported.trajectory.save_times)
+    pictures.plot_trajectories(noise[:8], outputs[:8], save_times,
+                               os.path.join(run.samples, "trajectories.png"),
+                               logsnrs=diffusion.save_logsnrs(exported),
+                               title="DSNO: noise, then its K outputs from one evaluation")
   logging.info("wrote %d one-step samples to %s", config.eval.num_samples, run.samples_npz)
   return run.samples_npz

@@ -25,7 +25,7 @@ def plan_from_config(config, teacher_identity: str) -> Dict:
   trajectory = config.trajectory
   size, channels = config.data.image_size, config.data.channels
   return {
-      "format": "dsno_jax.trajectories/1",
+      "format": trajectories.FORMAT, "noise": "seeded",
       "num_examples": int(trajectory.num_examples), "shard_size": int(trajectory.shard_size),
       "image_shape": [size, size, channels], "num_classes": int(config.data.num_classes),
       "num_times": len(trajectory.save_times),
@@ -176,6 +176,13 @@ def generate(config, workdir: str, *, devices=None) -> str:
     shard, indices = chunk
     noise, labels, targets = (_host_local(x) for x in outputs)
     n = len(indices)  # drop the padding
+    if not np.isfinite(targets[:n]).all():
+      raise FloatingPointError(
+          f"the teacher {identity} gives non-finite trajectory targets for examples "
+          f"{indices[0]}..{indices[-1]}: stopping before shard {shard} is written, so the "
+          f"dataset at {directory} stays incomplete. Check that the teacher's weights are "
+          "finite (its training may have diverged) and that config.teacher.mean_type and "
+          "config.trajectory (solver, num_steps, grid) suit it")
     for key, value in (("noise", noise), ("targets", targets), ("label", labels),
                        ("index", np.asarray(indices))):
       buffers[key].append(value[:n])

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from dsno_jax import diffusion, models, trees
+from dsno_jax.models import build
 from dsno_jax.models import io as model_io
 from dsno_jax.teachers import exact
 from dsno_jax.workdir import Workdir, resolve
@@ -40,6 +41,8 @@ def load_teacher(config, workdir: str) -> Tuple[Callable, str]:
     denoise = jax.tree_util.Partial(type(mixture).denoise, mixture)
     return denoise, f"digits_mixture:image_size={config.data.image_size}"
   params, identity = load_teacher_params(config, workdir)
+  if build.teacher_dtype(config) != jax.numpy.float32:  # float32 keeps the identities it had
+    identity += f":dtype={config.teacher.dtype}"
   return unet_teacher_denoiser(config, params), identity
 
 
@@ -97,9 +100,11 @@ class _UNetDenoise:
 
 
 def unet_teacher_denoiser(config, params) -> Callable:
-  """The teacher UNet's x-hat denoiser as a pytree (`Partial`) over `params`."""
-  denoise = _UNetDenoise(models.teacher_from_config(config), config.teacher.mean_type,
-                         bool(config.teacher.clip_x))
+  """The teacher UNet's x-hat denoiser as a pytree (`Partial`) over `params`, computing in
+  config.teacher.dtype (not the student's model.dtype: a bfloat16 student keeps a float32
+  teacher unless asked)."""
+  model = models.teacher_from_config(config).clone(dtype=build.teacher_dtype(config))
+  denoise = _UNetDenoise(model, config.teacher.mean_type, bool(config.teacher.clip_x))
   return jax.tree_util.Partial(denoise, jax.tree_util.tree_map(jax.numpy.asarray, params))
 
 

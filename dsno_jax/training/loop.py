@@ -10,7 +10,6 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dsno_jax import parallel
-from dsno_jax.data import batching
 from dsno_jax.training import checkpoints, reporting
 from dsno_jax.training import state as state_lib
 from dsno_jax.training.objectives import Objective
@@ -55,57 +54,121 @@ def _stop_profile(state) -> bool:
   return False
 
 
-def _check_finite(pending: List[Tuple[int, Dict]], manager) -> List[Tuple[int, Dict]]:
-  """Host copies of (step, metrics) pairs; FloatingPointError at the first non-finite loss.
+# Settings that count steps or examples: each must be a positive integer.
+_POSITIVE_SETTINGS = ("batch_size", "num_steps", "log_every", "checkpoint_every",
+                      "keep_checkpoints", "grad_accum")
+
+
+def check_settings(settings, section: str):
+  """ValueError naming the first field of `section` (e.g. "teacher.train") that is meaningless."""
+  for name in _POSITIVE_SETTINGS:
+    value = settings[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{section}.{name}={value!r}; expected a positive integer "
+                       f"(set --config.{section}.{name}=...)")
+  if settings.sample_every < 0:
+    raise ValueError(f"{section}.sample_every={settings.sample_every!r}; expected 0 (no sample "
+                     "grids) or a positive number of steps")
+
+
+def _resume_advice(manager, section: str) -> str:
+  """Where a stopped run can resume: every saved state passed _check_savable."""
+  manager.wait_until_finished()
+  last = manager.latest_step()
+  lower = f"a lower learning rate (--config.{section}.learning_rate=...), or check the data"
+  if last is None:
+    return f"No checkpoint was saved in {manager.directory}: start again with {lower}"
+  return (f"The last good checkpoint (step {last}, in {manager.directory}) is kept: resume "
+          f"from it with {lower}")
+
+
+def _check_finite(pending: List[Tuple[int, Dict]], manager,
+                  section: str) -> List[Tuple[int, Dict]]:
+  """Host copies of (step, metrics) pairs, state_finite taken out; FloatingPointError at the
+  first non-finite loss or state.
 
   Step n is the n-th update (as in checkpoint numbers); its loss was computed from the
   parameters of checkpoint n - 1.
   """
   fetched = [(step, jax.device_get(m)) for step, m in pending]
   for step, metrics in fetched:
-    if not np.isfinite(metrics["loss"]):
-      manager.wait_until_finished()
-      last = manager.latest_step()
-      raise FloatingPointError(
-          f"the loss is {float(metrics['loss'])} at step {step}: stopping. Nothing after the "
-          f"last good checkpoint (step {last}, in {manager.directory}) was saved; lower the "
-          "learning rate, set a grad_clip, or check the data")
+    loss, finite = metrics["loss"], bool(metrics.pop("state_finite"))
+    if not np.isfinite(loss):
+      what = f"the loss is {float(loss)} at step {step}"
+    elif not finite:
+      what = f"the parameters or optimiser state are not finite after step {step}"
+    else:
+      continue
+    raise FloatingPointError(f"{what}: stopping. {_resume_advice(manager, section)}")
   return fetched
+
+
+def _check_savable(next_step_check, state, upcoming, step: int, manager, section: str):
+  """FloatingPointError unless the state after `step` gives a finite loss and gradients on the
+  next batch (the state's own finiteness comes with the step's metrics)."""
+  loss, grads_finite = jax.device_get(next_step_check(state, upcoming))
+  if not np.isfinite(loss) or not grads_finite:
+    what = f"a loss of {float(loss)}" if not np.isfinite(loss) else "non-finite gradients"
+    raise FloatingPointError(
+        f"the state after step {step} is finite but gives {what} on the next batch: stopping "
+        f"without saving it. {_resume_advice(manager, section)}")
 
 
 def train(config, workdir: str, objective: Objective,
           make_batches: Callable[[int], Iterator[Dict[str, np.ndarray]]],
           mesh: Optional[Mesh] = None) -> RunResult:
-  """Runs objective.settings.num_steps steps, resuming from the newest checkpoint.
+  """Runs objective.settings.num_steps steps, resuming from the newest good checkpoint.
 
   make_batches(start_step) yields this host's rows of each step's global batch as numpy
-  arrays (a pure function of (seed, step), so a resumed run sees the same data).
+  arrays (a pure function of (seed, step), so a resumed run sees the same data). A state is
+  saved only when it is finite and so are its next loss and gradients, so the checkpoint a NaN
+  stop names can be resumed.
   """
   settings, role = objective.settings, objective.role
+  section = checkpoints.SETTINGS_SECTIONS[role]
+  check_settings(settings, section)
   mesh = mesh or parallel.make_mesh()
   run = jit_run(config, objective, mesh)
-  manager = checkpoints.make_manager(workdir, role, settings, config)
-  state = checkpoints.restore_latest(manager, run.abstract_state, run.state_shardings, config)
+  manager = checkpoints.make_manager(workdir, role, settings)
+  try:
+    return _train(config, workdir, objective, make_batches, mesh, run, manager, section)
+  finally:
+    checkpoints.close(manager)
+
+
+def _train(config, workdir, objective, make_batches, mesh, run, manager, section) -> RunResult:
+  settings, role = objective.settings, objective.role
+  state = checkpoints.restore_latest(manager, run.abstract_state, run.state_shardings, config,
+                                     role)
   if state is None:
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # as in jit_run
     state = run.init_state(objective.start_params(init_rng))
   start = int(jax.device_get(state.step))
   writer = reporting.make_writer(workdir, role)
+  runtime = parallel.describe_runtime(mesh, settings.batch_size // mesh.devices.size)
+  logging.info("%s: %s", role, runtime)
+  writer.write_texts(start, {"runtime": runtime})
   if start == 0:
     reporting.log_parameters(state.params)
   else:
     logging.info("%s: resuming at step %d", role, start)
   report = reporting.progress(settings.num_steps, writer)
   history, pending, preempted = [], [], False
-  batches = batching.prefetch(make_batches(start)) if start < settings.num_steps else iter(())
-  train_step, profiling = None, False
+  batches = make_batches(start) if start < settings.num_steps else iter(())  # reads ahead
+
+  def next_batch():
+    local = next(batches)
+    return parallel.global_batch({k: local[k] for k in objective.batch_keys}, mesh)
+
+  train_step, next_step_check, upcoming, profiling = None, None, None, False
   with _sigterm_flag() as sigterm:
     for step in range(start, settings.num_steps):
-      local = next(batches)
-      batch = parallel.global_batch({k: local[k] for k in objective.batch_keys}, mesh)
-      if train_step is None:
+      batch, upcoming = next_batch() if upcoming is None else upcoming, None
+      if train_step is None:  # the check too, so a save on SIGTERM never waits for a compile
         train_step = parallel.compile_in_lockstep(run.train_step, state, batch,
                                                   name=f"{role}_train_step")
+        next_step_check = parallel.compile_in_lockstep(run.next_step_check, state, batch,
+                                                       name=f"{role}_next_step_check")
       if config.profile and step == start + 1:  # after compilation; 3 steps
         jax.profiler.start_trace(Workdir(workdir).profile(role))
         profiling = True
@@ -118,12 +181,14 @@ def train(config, workdir: str, objective: Objective,
       preempted = sigterm["set"] or (jax.process_count() > 1 and manager.reached_preemption(done))
       save_now = done % settings.checkpoint_every == 0 or done == settings.num_steps or preempted
       if save_now or done % settings.log_every == 0:
-        fetched = _check_finite(pending, manager)
+        fetched = _check_finite(pending, manager, section)
         means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
         writer.write_scalars(done, means)
         history.append(dict(means, step=done))
         pending = []
       if save_now:
+        upcoming = next_batch()  # the batch of step done + 1, which the saved state must survive
+        _check_savable(next_step_check, state, upcoming, done, manager, section)
         checkpoints.save(manager, state, force=preempted)
       if settings.sample_every and done % settings.sample_every == 0 and run.sample:
         sample = parallel.compile_in_lockstep(run.sample, state.ema_params, name="sample")
@@ -135,6 +200,5 @@ def train(config, workdir: str, objective: Objective,
   if profiling:
     _stop_profile(state)
   manager.wait_until_finished()
-  manager.close()
   writer.flush()
   return RunResult(state, history, preempted)

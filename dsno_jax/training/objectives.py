@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsno_jax import diffusion, models, ode
+from dsno_jax.data import noise as noise_lib
 from dsno_jax.training import losses
 
 NUM_SAMPLES = 64  # images in a sample grid
@@ -62,8 +63,9 @@ def teacher_objective(config) -> Objective:
 
   def sample_fn(params, rng):
     z1 = jax.random.normal(rng, (NUM_SAMPLES,) + _image_shape(config))
-    denoise = diffusion.unet_denoiser(model, params, config.teacher.mean_type,
-                                      config.teacher.clip_x)
+    # the grid shows the teacher as trajectories will use it: in teacher.dtype
+    denoise = diffusion.unet_denoiser(model.clone(dtype=models.build.teacher_dtype(config)),
+                                      params, config.teacher.mean_type, config.teacher.clip_x)
     solve = config.trajectory
     x = ode.trajectory(denoise, z1, (0.0,), solver=solve.solver, num_steps=solve.num_steps,
                        grid=solve.grid, y=_sample_labels(config, NUM_SAMPLES), rtol=solve.rtol,
@@ -76,11 +78,14 @@ def teacher_objective(config) -> Objective:
 
 
 def student_objective(config, logsnr: Sequence[float],
-                      teacher_params: Optional[Callable] = None) -> Objective:
+                      teacher_params: Optional[Callable] = None,
+                      noise_seed: Optional[int] = None) -> Objective:
   """DSNO training on trajectories (batch {"noise", "targets", "label"}); DSNO paper, Sec. 4.
 
   logsnr (K,): the log-SNRs of the dataset's save times (the student's output times).
   teacher_params() -> teacher parameters to copy in when config.train.init_from_teacher.
+  noise_seed: the dataset's seed when its noise is regenerated from (seed, index) instead of
+  stored; the batch then carries "index" instead of "noise", and the noise is drawn on device.
   """
   model = models.student_from_config(config)
   settings = config.train
@@ -92,7 +97,13 @@ def student_objective(config, logsnr: Sequence[float],
                      f"student with K={len(config.trajectory.save_times)} output times")
 
   def loss_fn(params, batch, rng):
-    prediction = model.apply({"params": params}, batch["noise"], logsnr, _labels(batch, config),
+    if noise_seed is None:
+      noise = batch["noise"]
+    else:
+      noise, _ = noise_lib.example_inputs(batch["index"], seed=noise_seed,
+                                          image_shape=_image_shape(config),
+                                          num_classes=config.data.num_classes)
+    prediction = model.apply({"params": params}, noise, logsnr, _labels(batch, config),
                              train=True, rngs={"dropout": rng})
     loss, per_time = losses.student_loss(prediction, batch["targets"], logsnr, distance,
                                          settings.time_weighting)
@@ -115,5 +126,6 @@ def student_objective(config, logsnr: Sequence[float],
     return models.student_params_from_teacher(teacher_params(), params, config.teacher.mean_type,
                                               config.data.channels)
 
-  return Objective("student", settings, loss_fn, fresh, start, ("noise", "targets", "label"),
+  noise_key = "noise" if noise_seed is None else "index"
+  return Objective("student", settings, loss_fn, fresh, start, (noise_key, "targets", "label"),
                    sample_fn)

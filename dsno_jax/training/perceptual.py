@@ -6,8 +6,9 @@ along channels at every pixel (`f / (|f|_2 + 1e-10)`). Per image, with D_l = (f_
 at tap l, of size (H_l, W_l, C_l):
 - `lpips_distance`: sum_l mean_{h,w} sum_c w_lc D_lhwc, the learned heads w_l >= 0 (no bias);
   exactly `lpips.LPIPS(net='vgg')(x, y)` (version 0.1, spatial=False, eval mode);
-- `vgg_feature_distance`: sum_l mean_{h,w,c} D_lhwc, no heads. (`lpips.LPIPS(lpips=False)`
-  sums over channels instead of averaging; here every tap counts alike whatever its width.)
+- `vgg_feature_distance`: sum_l mean_{h,w} sum_c D_lhwc, no heads: exactly
+  `lpips.LPIPS(net='vgg', lpips=False)(x, y)`, the loss (`loss: vgg`, `lpips: False`) that DSNO's
+  CIFAR-10 result was trained with.
 Everything is float32; the normalisation has finite gradients where a tap is all zero.
 """
 import os
@@ -67,10 +68,10 @@ def tap_differences(vgg_params, x, y) -> Dict[str, jax.Array]:
 
 
 def vgg_feature_distance(weights, x, y):
-  """(N,) plain VGG feature distance: sum over taps of the mean over (h, w, c) of the squared
-  difference of unit-normalised features. weights: {"vgg": trunk params, ...}."""
+  """(N,) LPIPS(net='vgg', lpips=False): sum over taps of the spatial mean of the channel sum
+  of the squared difference of unit-normalised features. weights: {"vgg": trunk params, ...}."""
   diffs = tap_differences(weights["vgg"], x, y)
-  return sum(jnp.mean(d, axis=(1, 2, 3)) for d in diffs.values())
+  return sum(jnp.mean(jnp.sum(d, axis=3), axis=(1, 2)) for d in diffs.values())
 
 
 def lpips_distance(weights, x, y):

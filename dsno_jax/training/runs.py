@@ -20,7 +20,8 @@ def train_teacher(config, workdir: str) -> RunResult:
   def make_batches(start_step):
     return images.batch_iterator(source, global_batch_size=objective.settings.batch_size,
                                  seed=config.seed, start_step=start_step,
-                                 random_flip=config.data.random_flip)
+                                 random_flip=config.data.random_flip,
+                                 num_workers=config.data.num_workers)
 
   return train(config, workdir, objective, make_batches)
 
@@ -39,10 +40,15 @@ def train_student(config, workdir: str) -> RunResult:
   parallel.initialize_distributed(config)
   directory = Workdir(workdir).trajectories(config)
   logsnr = trajectories.check_logsnrs(config, directory)
-  objective = objectives.student_objective(config, logsnr, teacher_params_loader(config, workdir))
+  metadata = trajectories.read_metadata(directory)
+  trajectories.check_noise(directory, metadata)
+  noise_seed = int(metadata["seed"]) if metadata["noise"] == "seeded" else None
+  objective = objectives.student_objective(config, logsnr, teacher_params_loader(config, workdir),
+                                           noise_seed=noise_seed)
 
   def make_batches(start_step):
     return trajectories.batch_iterator(directory, global_batch_size=objective.settings.batch_size,
-                                       seed=config.seed, start_step=start_step)
+                                       seed=config.seed, start_step=start_step,
+                                       num_workers=config.data.num_workers)
 
   return train(config, workdir, objective, make_batches)

@@ -71,6 +71,11 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
 
 
+def all_finite(*trees) -> jax.Array:
+  """A bool scalar: every element of every array in `trees` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(trees)]))
+
+
 def step_rng(state: TrainState):
   """The key of the current step."""
   return jax.random.fold_in(state.rng, state.step)

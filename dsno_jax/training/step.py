@@ -22,35 +22,66 @@ def _micro_batches(x, grad_accum: int, mesh: Mesh):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
 
 
-def make_train_step(objective: Objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, mesh: Mesh) -> Callable:
-  """train_step(state, batch) -> (state, metrics): one optimiser step on the global batch."""
+def _loss_and_grads(objective: Objective, mesh: Mesh) -> Callable:
+  """(params, batch, rng) -> (loss, aux, grads) on the global batch, over its micro-batches."""
   grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
   grad_accum = objective.settings.grad_accum
+
+  def loss_and_grads(params, batch, rng):
+    if grad_accum == 1:
+      (loss, aux), grads = grad_fn(params, batch, rng)
+      return loss, aux, grads
+    micro = jax.tree_util.tree_map(lambda x: _micro_batches(x, grad_accum, mesh), batch)
+
+    def accumulate(total, inputs):
+      index, micro_batch = inputs
+      (loss, aux), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+      return jax.tree_util.tree_map(jnp.add, total, (grads, loss)), aux
+
+    zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+    (grads, loss), aux = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+    grads, loss = jax.tree_util.tree_map(lambda x: x / grad_accum, (grads, loss))
+    aux = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), aux)
+    return loss, aux, grads
+
+  return loss_and_grads
+
+
+def make_train_step(objective: Objective, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, mesh: Mesh) -> Callable:
+  """train_step(state, batch) -> (state, metrics): one optimiser step on the global batch.
+
+  metrics["state_finite"] says whether the new parameters, their EMA and the optimiser state
+  are all finite.
+  """
+  loss_and_grads = _loss_and_grads(objective, mesh)
   ema_decay = objective.settings.ema_decay
 
   def train_step(state, batch):
-    rng = state_lib.step_rng(state)
-    if grad_accum == 1:
-      (loss, aux), grads = grad_fn(state.params, batch, rng)
-    else:
-      micro = jax.tree_util.tree_map(lambda x: _micro_batches(x, grad_accum, mesh), batch)
-
-      def accumulate(total, inputs):
-        index, micro_batch = inputs
-        (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
-        return jax.tree_util.tree_map(jnp.add, total, (grads, loss)), aux
-
-      zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
-      (grads, loss), aux = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
-      grads, loss = jax.tree_util.tree_map(lambda x: x / grad_accum, (grads, loss))
-      aux = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), aux)
+    loss, aux, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state))
     new_state = state_lib.apply_gradients(state, grads, tx, ema_decay)
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(state.step))
+                   learning_rate=schedule(state.step),
+                   state_finite=state_lib.all_finite(new_state.params, new_state.ema_params,
+                                                     new_state.opt_state))
     return new_state, metrics
 
   return train_step
+
+
+def make_next_step_check(objective: Objective, mesh: Mesh) -> Callable:
+  """check(state, batch) -> (loss, gradients all finite) of train_step(state, batch).
+
+  Whether a state can go on training: its parameters may be finite yet so large that the
+  next loss or gradients are not, and no learning rate recovers from that.
+  """
+  loss_and_grads = _loss_and_grads(objective, mesh)
+
+  def check(state, batch):
+    loss, _, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state))
+    return loss, state_lib.all_finite(grads)
+
+  return check
 
 
 class JittedRun(NamedTuple):
@@ -59,6 +90,7 @@ class JittedRun(NamedTuple):
   state_shardings: state_lib.TrainState
   init_state: Callable  # params -> sharded TrainState
   train_step: Callable  # (state, batch) -> (state, metrics); donates state
+  next_step_check: Callable  # (state, batch) -> (loss, gradients finite) of that step
   sample: Optional[Callable]  # ema params -> replicated images
 
 
@@ -76,9 +108,12 @@ def jit_run(config, objective: Objective, mesh: Mesh) -> JittedRun:
   train_step = jax.jit(make_train_step(objective, tx, schedule, mesh),
                        in_shardings=(shardings, parallel.batch_sharding(mesh)),
                        out_shardings=(shardings, replicated), donate_argnums=0)
+  next_step_check = jax.jit(make_next_step_check(objective, mesh),
+                            in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                            out_shardings=replicated)
   sample = None
   if objective.sample_fn is not None:
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 7)
     sample = jax.jit(lambda p: objective.sample_fn(p, sample_rng),
                      in_shardings=(shardings.ema_params,), out_shardings=replicated)
-  return JittedRun(abstract, shardings, init_state, train_step, sample)
+  return JittedRun(abstract, shardings, init_state, train_step, next_step_check, sample)

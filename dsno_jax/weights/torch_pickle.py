@@ -16,11 +16,15 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import numpy as np
 
+_READ_CHUNK = 1 << 20  # bytes inflated at a time from a zip member
+# A state dict's pickle holds names, shapes and storage references (about 100 bytes a
+# tensor); anything far larger is refused before it is inflated into memory.
+_MAX_PICKLE_BYTES = 64 << 20
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
 
@@ -186,6 +190,58 @@ def _storage_array(raw: bytes, storage: _Storage, path: str) -> np.ndarray:
                        count=storage.numel)
 
 
+def _read_record(archive: zipfile.ZipFile, name: str, max_bytes: int, path: str,
+                 what: str) -> bytearray:
+  """The inflated bytes of the zip member `name`, refused past `max_bytes` (a zip bomb).
+
+  The member's declared size is checked first, and it is inflated in bounded chunks, so
+  memory never exceeds what `max_bytes` allows.
+  """
+  declared = archive.getinfo(name).file_size
+  refuse = lambda size: ValueError(
+      f"{path}: the record {name} inflates to {size} bytes, but {what} needs at most "
+      f"{max_bytes}; refusing to read it (a damaged or malicious file)")
+  if declared > max_bytes:
+    raise refuse(declared)
+  out = bytearray()
+  with archive.open(name) as f:
+    while len(out) <= max_bytes:
+      chunk = f.read(min(_READ_CHUNK, max_bytes + 1 - len(out)))
+      if not chunk:
+        return out
+      out += chunk
+  raise refuse(f"more than {max_bytes}")
+
+
+class _BoundedReader:
+  """A file-like view of a zip member that refuses to inflate past a byte budget."""
+
+  def __init__(self, file, max_bytes: int, refuse: Callable[[], Exception]):
+    self._file, self._left, self._refuse = file, max_bytes, refuse
+
+  def _take(self, data):
+    self._left -= len(data)
+    if self._left < 0:
+      raise self._refuse()
+    return data
+
+  def read(self, size: int = -1):
+    return self._take(self._file.read(min(size, self._left + 1) if size >= 0
+                                      else self._left + 1))
+
+  def readline(self, size: int = -1):
+    return self._take(self._file.readline(min(size, self._left + 1) if size >= 0
+                                          else self._left + 1))
+
+  def readinto(self, buffer):
+    data = self.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def peek(self, size: int = 0):
+    return self._file.peek(size)
+
+
 def _load_zip(path: str):
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
@@ -195,17 +251,25 @@ def _load_zip(path: str):
                        "expected a file written by torch.save")
     prefix = pickles[0][:-len("data.pkl")]
     if prefix + "byteorder" in names:
-      byteorder = archive.read(prefix + "byteorder").decode("ascii").strip()
+      byteorder = _read_record(archive, prefix + "byteorder", 16, path, "a byte order name")
+      byteorder = byteorder.decode("ascii").strip()
       if byteorder != "little":
         raise ValueError(f"{path} was saved {byteorder}-endian; only little-endian is supported")
     storages: Dict[str, _Storage] = {}
+    refuse = lambda: ValueError(
+        f"{path}: {pickles[0]} inflates past {_MAX_PICKLE_BYTES} bytes, far more than a "
+        "state dict's names and shapes need; refusing to read it (a damaged or malicious file)")
     with archive.open(pickles[0]) as f:
-      obj = _RestrictedUnpickler(f, storages, path).load()
+      obj = _RestrictedUnpickler(_BoundedReader(f, _MAX_PICKLE_BYTES, refuse), storages,
+                                 path).load()
     for key, storage in storages.items():
       record = f"{prefix}data/{key}"
       if record not in names:
         raise ValueError(f"{path} lacks the record {record} of storage {key!r}")
-      storage.data = _storage_array(archive.read(record), storage, path)
+      needed = storage.numel * np.dtype(storage.dtype).itemsize
+      raw = _read_record(archive, record, needed, path,
+                         f"storage {key!r} ({storage.numel} elements)")
+      storage.data = _storage_array(raw, storage, path)
   return obj
 
 

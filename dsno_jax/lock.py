@@ -1,0 +1,205 @@
+"""One run per workdir: a lock file naming its holder (host, pid, start), created atomically.
+
+A run holds its workdir's lock for its whole life; a second run on the same workdir stops at
+once, naming the holder. A lock left by a killed run on this host (its pid is gone) is taken
+over. The lock is reached through `LocalLockFile`'s three operations, which are those of a
+generation-checked object (on Cloud Storage: a write with if_generation_match=0, a read that
+returns the generation, a delete with if_generation_match), so a remote lock can take its
+place; only local paths are locked for now.
+"""
+import contextlib
+import datetime
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Dict, Iterator, Optional
+
+from absl import logging
+
+_TAKEOVER_ATTEMPTS = 5  # a lock that changes hands this often between our reads is contended
+_held: Dict[str, int] = {}  # lock path -> nesting depth, for the locks this process holds
+_held_guard = threading.Lock()
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another run holds the workdir's lock."""
+
+
+def _process_start(pid: int) -> Optional[int]:
+  """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return int(f.read().rsplit(")", 1)[1].split()[19])
+  except (OSError, IndexError, ValueError):
+    return None
+
+
+def _this_process(what: str) -> Dict:
+  return {"host": socket.gethostname(), "pid": os.getpid(),
+          "process_start": _process_start(os.getpid()),
+          "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+          "what": what, "token": uuid.uuid4().hex}
+
+
+class LocalLockFile:
+  """The lock as a file; its generation is the token inside its record."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def create(self, record: Dict) -> bool:
+    """Writes `record` as the lock if there is none (atomic); False when a lock exists.
+
+    The record is written to a private file first and hard-linked into place, so a reader
+    never sees a half-written lock; file systems without hard links get O_CREAT | O_EXCL.
+    """
+    tmp = f"{self.path}.{record['token']}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(record, f)
+    try:
+      os.link(tmp, self.path)
+      return True
+    except FileExistsError:
+      return False
+    except OSError:  # no hard links here
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        return False
+      with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+      return True
+    finally:
+      os.remove(tmp)
+
+  def read(self) -> Optional[Dict]:
+    """The holder's record; None when there is no lock; {} when it cannot be parsed."""
+    try:
+      with open(self.path) as f:
+        text = f.read()
+    except FileNotFoundError:
+      return None
+    try:
+      record = json.loads(text)
+    except ValueError:
+      return {}
+    return record if isinstance(record, dict) else {}
+
+  def delete(self, token: str) -> bool:
+    """Removes the lock if it still holds `token`; False (lock untouched) otherwise.
+
+    The lock is renamed to a private name first (atomic), so only that one file is judged,
+    and put back by hard link when it turns out to be another holder's.
+    """
+    aside = f"{self.path}.{uuid.uuid4().hex}.released"
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return False
+    with open(aside) as f:
+      try:
+        ours = json.load(f).get("token") == token
+      except (ValueError, AttributeError):
+        ours = False
+    if not ours:
+      try:
+        os.link(aside, self.path)
+      except FileExistsError:
+        logging.error("lock %s changed hands while being released; its holder %s lost it",
+                      self.path, aside)
+        return False
+    os.remove(aside)
+    return ours
+
+
+def _describe(record: Dict) -> str:
+  if not record:
+    return "an unreadable lock record"
+  return (f"{record.get('what', 'a run')}, pid {record.get('pid')} on host "
+          f"{record.get('host')}, started {record.get('started')}")
+
+
+def _is_stale(record: Dict) -> bool:
+  """True when the holder ran on this host and its process is gone (or its pid reused)."""
+  if not record or record.get("host") != socket.gethostname():
+    return False
+  pid = record.get("pid")
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # alive, another user's
+    return False
+  started = record.get("process_start")
+  return started is not None and _process_start(pid) not in (None, started)
+
+
+def _in_use_message(workdir: str, path: str, record: Dict) -> str:
+  if not record:
+    return (f"the workdir {workdir} is locked, but its lock file {path} cannot be read. If no "
+            f"run is using this workdir, delete {path} and start again; otherwise use another "
+            "--workdir")
+  return (f"the workdir {workdir} is in use by another run: {_describe(record)} (lock file "
+          f"{path}). Wait for it to finish, or stop it (kill {record.get('pid')} on "
+          f"{record.get('host')}) and start this run again, or use another --workdir. If that "
+          f"run is gone but was on another host, delete {path}.")
+
+
+@contextlib.contextmanager
+def hold(path: str, what: str, enabled: bool = True) -> Iterator[None]:
+  """Holds the lock file `path` (in the workdir) for the block's life; WorkdirInUseError if taken.
+
+  `what` (e.g. "--mode=train") is recorded for the message another run shows. Re-entrant
+  in one process, so a pipeline that holds the lock can run its modes. `enabled=False` (the
+  processes other than 0 of a multi-process run) holds nothing. A URL workdir is not locked.
+  """
+  workdir = os.path.dirname(path)
+  with _held_guard:
+    nested = path in _held
+    if nested:
+      _held[path] += 1
+  if nested:
+    try:
+      yield
+    finally:
+      with _held_guard:
+        _held[path] -= 1
+    return
+  if not enabled or "://" in path:
+    if enabled:
+      logging.warning("the workdir %s is not locked: only local workdirs are", workdir)
+    yield
+    return
+
+  os.makedirs(workdir, exist_ok=True)
+  store, record = LocalLockFile(path), _this_process(what)
+  for _ in range(_TAKEOVER_ATTEMPTS):
+    if store.create(record):
+      break
+    holder = store.read()
+    if holder is None:  # released between our two looks
+      continue
+    if not _is_stale(holder):
+      raise WorkdirInUseError(_in_use_message(workdir, path, holder))
+    if store.delete(holder.get("token", "")):
+      logging.warning("took over the lock %s left by a run that is gone (%s)", path,
+                      _describe(holder))
+    time.sleep(0.01)
+  else:
+    raise WorkdirInUseError(f"the lock {path} of {workdir} changed hands {_TAKEOVER_ATTEMPTS} "
+                            "times while this run tried to take it; is another run starting? "
+                            "Try again in a moment")
+  with _held_guard:
+    _held[path] = 1
+  try:
+    yield
+  finally:
+    with _held_guard:
+      del _held[path]
+    if not store.delete(record["token"]):
+      logging.error("the lock %s no longer held this run's record on release", path)

@@ -1,0 +1,50 @@
+"""Pictures: grid cells apart, labelled trajectory strips, the metric and memorisation plots."""
+import os
+
+import numpy as np
+from PIL import Image
+
+from dsno_jax import pictures
+
+
+def test_grid_cells_are_separated_by_a_gap():
+  images = np.stack([np.full((3, 2, 1), v, np.uint8) for v in (0, 255, 0, 255, 0)])
+  grid = pictures.image_grid(images, cols=3)  # 2 rows, the last one short
+  assert grid.shape == (2 * 3 + 1, 3 * 2 + 2, 1)
+  gap = pictures.GAP_VALUE
+  np.testing.assert_array_equal(grid[:, 2], gap)  # between columns 0 and 1
+  np.testing.assert_array_equal(grid[:, 5], gap)  # between columns 1 and 2
+  np.testing.assert_array_equal(grid[3], gap)  # between the rows
+  np.testing.assert_array_equal(grid[:3, 3:5, 0], 255)  # cell (0, 1)
+  np.testing.assert_array_equal(grid[4:, 0:2, 0], 255)  # cell (1, 0)
+  np.testing.assert_array_equal(grid[4:, 3:5, 0], 0)  # cell (1, 1)
+  np.testing.assert_array_equal(grid[4:, 6:, 0], gap)  # the empty cell
+  assert gap not in (0, 255)  # apart from both black backgrounds and white strokes
+  floats = pictures.image_grid(np.linspace(-1, 1, 4 * 8 * 8).reshape(4, 8, 8, 1), gap=0)
+  assert floats.shape == (16, 16, 1) and floats.dtype == np.uint8
+
+
+def test_trajectory_strips_and_their_labelled_picture(tmp_path):
+  rng = np.random.default_rng(0)
+  noise, outputs = rng.normal(size=(2, 8, 8, 1)), rng.uniform(-1, 1, (2, 4, 8, 8, 1))
+  strips = pictures.trajectory_strips(noise, outputs)
+  assert strips.shape == (2 * 8 + 1, 5 * 8 + 4, 1)
+  # column 0 is the noise, so output 1 of example 0 sits in column 2, after two gaps
+  np.testing.assert_array_equal(strips[:8, 18:26], pictures.to_uint8(outputs[0, 1]))
+  path = pictures.plot_trajectories(noise, outputs, (0.5625, 0.25, 0.0625, 0.0),
+                                    str(tmp_path / "t.png"), logsnrs=(-0.4, 2.0, 5.1, 20.0))
+  width, height = Image.open(path).size
+  assert width > 400 and height > 150  # strips plus a row of column labels
+
+
+def test_metric_and_memorization_plots_are_written(tmp_path):
+  rng = np.random.default_rng(1)
+  path = pictures.plot_metric_vs_nfe(
+      {"teacher ddim": {1: 30.0, 2: 10.0, 4: 4.0}}, str(tmp_path / "m.png"), metric="FD",
+      points={"DSNO (1 NFE)": (1.0, 3.0), "teacher dopri5": (79.3, 1.7)})
+  assert os.path.getsize(path) > 1000
+  pairs = rng.integers(0, 256, (3, 2, 8, 8, 1), dtype=np.uint8)
+  path = pictures.plot_memorization(
+      {"samples": rng.uniform(1, 3, 50), "test": rng.uniform(1, 3, 30)}, pairs,
+      np.array([0.5, 0.7, 0.9]), str(tmp_path / "mem.png"), feature_name="digits features")
+  assert os.path.getsize(path) > 1000
