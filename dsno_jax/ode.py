@@ -248,9 +248,9 @@ def make_solver(solver: str, logsnr_end: float = 20.0) -> diffrax.AbstractSolver
   _check_solver(solver)
   return {
       "ddim": DDIM, "dpmpp2m": lambda: DPMSolverPP(order_=2, logsnr_end=logsnr_end),
-      "dpmpp3m": lambda: DPMSolverPP(order_=3, logsnr_end=logsnr_end), "phi2m": lambda: PhiMultistep(history=2),
-      "phi3m": lambda: PhiMultistep(history=3), "tsit5": diffrax.Tsit5,
-      "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8,
+      "dpmpp3m": lambda: DPMSolverPP(order_=3, logsnr_end=logsnr_end),
+      "phi2m": lambda: PhiMultistep(history=2), "phi3m": lambda: PhiMultistep(history=3),
+      "tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8,
   }[solver]()
 
 

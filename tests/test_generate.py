@@ -189,3 +189,11 @@ def test_two_hosts_write_their_own_shards_and_match_one_host(generated, tmp_path
     np.testing.assert_array_equal(two_hosts[key], one_host[key])
   np.testing.assert_allclose(two_hosts["targets"], one_host["targets"], rtol=1e-6, atol=1e-6)
   assert "this host: 4 batches of 4" in errors[0] and "this host: 2 batches of 4" in errors[1]
+
+
+@pytest.mark.parametrize("field", ["batch_size", "num_examples", "shard_size", "num_steps"])
+def test_non_positive_counts_are_refused_naming_the_field(field, tmp_path):
+  config = _config(dict(OVERRIDES, **{f"trajectory.{field}": 0}))
+  with pytest.raises(ValueError, match=rf"trajectory\.{field}=0; expected a positive integer"):
+    generate.generate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "trajectories")

@@ -1,5 +1,4 @@
 """Mode `pipeline` on a reduced digits config: every stage's outputs, a sane metric, skipping."""
-import json
 import os
 
 import numpy as np

@@ -127,6 +127,15 @@ class _Progress:
     logging.info("trajectories: %d rounds in %.1f s", self.rounds, time.time() - self.start)
 
 
+def check_settings(settings) -> None:
+  """ValueError naming the first count of config.trajectory that is not a positive integer."""
+  for name in ("num_examples", "shard_size", "batch_size", "num_steps"):
+    value = settings[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"trajectory.{name}={value!r}; expected a positive integer (set "
+                       f"--config.trajectory.{name}=...)")
+
+
 def generate(config, workdir: str, *, devices=None) -> str:
   """Writes (or finishes) the trajectory dataset of `config`; returns its directory.
 
@@ -138,6 +147,7 @@ def generate(config, workdir: str, *, devices=None) -> str:
   parallel.initialize_distributed(config)
   directory = Workdir(workdir).trajectories(config)
   settings = config.trajectory
+  check_settings(settings)
   denoise, identity = loading.load_teacher(config, workdir)
   plan = plan_from_config(config, identity)
   is_leader = jax.process_index() == 0
