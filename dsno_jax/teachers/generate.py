@@ -39,7 +39,7 @@ def plan_from_config(config, teacher_identity: str) -> Dict:
       "nfe": ode.nfe(trajectory.solver, trajectory.num_steps, trajectory.grid,
                      tuple(trajectory.save_times), config.diffusion.logsnr_min,
                      config.diffusion.logsnr_max),
-      "target_nfe": len(trajectory.save_times),
+      "target_nfe": ode.target_nfe(trajectory.save_times),
       "rtol": float(trajectory.rtol), "atol": float(trajectory.atol),
       "teacher": teacher_identity, "seed": int(config.seed),
       "targets_dtype": trajectory.targets_dtype,
