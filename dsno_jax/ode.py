@@ -127,6 +127,13 @@ def _history_weights(logsnr_nodes, logsnr_from, logsnr_to):
   return weights
 
 
+def _multistep_history(y0):
+  """A multistep solver's state before its first step: (x_hat at the last two step starts,
+  their log-SNRs, steps taken)."""
+  zero_t = jnp.zeros((), y0.dtype)
+  return (jnp.zeros_like(y0), jnp.zeros_like(y0), zero_t, zero_t, jnp.zeros((), jnp.int32))
+
+
 class DPMSolverPP(diffrax.AbstractSolver):
   """DPM-Solver++(2M) or (3M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2, and the third-order
   multistep update of the authors' dpm_solver_pytorch.py, which diffusers copies): multistep
@@ -152,9 +159,7 @@ class DPMSolverPP(diffrax.AbstractSolver):
     return self.order_
 
   def init(self, terms, t0, t1, y0, args):
-    zero_t = jnp.zeros((), y0.dtype)
-    # (x_hat at the last two step starts, their log-SNRs, steps taken)
-    return (jnp.zeros_like(y0), jnp.zeros_like(y0), zero_t, zero_t, jnp.zeros((), jnp.int32))
+    return _multistep_history(y0)
 
   def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
     del made_jump
@@ -214,9 +219,7 @@ class PhiMultistep(diffrax.AbstractSolver):
     return self.history
 
   def init(self, terms, t0, t1, y0, args):
-    zero_t = jnp.zeros((), y0.dtype)
-    # (x_hat at the last two step starts, their log-SNRs, steps taken)
-    return (jnp.zeros_like(y0), jnp.zeros_like(y0), zero_t, zero_t, jnp.zeros((), jnp.int32))
+    return _multistep_history(y0)
 
   def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
     del made_jump
