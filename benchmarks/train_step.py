@@ -50,7 +50,7 @@ def worker(args):
   run = step_lib.jit_run(config, objective, mesh)
   state = run.init_state(objective.fresh_params(jax.random.PRNGKey(0)))
   rng = np.random.default_rng(0)
-  batch = sharding.global_batch({
+  batch = parallel.global_batch({
       "noise": rng.standard_normal((b, s, s, c)).astype(np.float32),
       "targets": rng.uniform(-1, 1, (b, k, s, s, c)).astype(np.float32),
       "label": np.zeros((b,), np.int32)}, mesh)

@@ -11,7 +11,7 @@ from dsno_jax import diffusion, export, models
 from dsno_jax.data import digits, images, trajectories
 from dsno_jax.models import io as model_io
 from dsno_jax.teachers import generate
-from dsno_jax.training import checkpoints, loop, losses, objectives, runs, state
+from dsno_jax.training import loop, losses, objectives, runs, state
 
 helpers.use_compilation_cache()
 

@@ -1,13 +1,11 @@
 """The teacher's trajectories: solve its PF-ODE from seeded noise and write the trajectory dataset."""
 import functools
-import os
 import time
 from typing import Dict, List, Tuple
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
