@@ -690,28 +690,10 @@ def set_rates(row: dict, rates: dict):
 
 # --- Inception -------------------------------------------------------------------------------
 
-def fid_inception_v3_random(pfi):
-  """pytorch-fid's `fid_inception_v3()` with its FID blocks, minus the weight download (as
-  tests/test_inception.py builds it)."""
-  import torchvision  # noqa: PLC0415
-  net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
-                                        init_weights=False)
-  net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
-  net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
-  net.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
-  net.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
-  net.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
-  net.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
-  net.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
-  net.Mixed_7b = pfi.FIDInceptionE_1(1280)
-  net.Mixed_7c = pfi.FIDInceptionE_2(2048)
-  return net
-
-
 def torch_inception(inception, params, device):
   """pytorch-fid's InceptionV3([3]) (resize and normalisation on) with our Inception weights."""
   import pytorch_fid.inception as pfi  # noqa: PLC0415
-  net = fid_inception_v3_random(pfi)
+  net = tr.fid_inception_v3_random(pfi)
   state = {}
   for path, value in flax.traverse_util.flatten_dict(params).items():
     value = np.asarray(value, np.float32)

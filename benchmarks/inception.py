@@ -16,13 +16,15 @@ distance (one 2048x2048 eigenvalue solve). Prints a table; writes inception.json
 import argparse
 import json
 import os
+import sys
 import time
 import unittest.mock
 
 import jax
 import numpy as np
 
-from dsno_jax.evaluation import FID, fid, inception
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # torch_reference
+from dsno_jax.evaluation import FID, fid, inception  # noqa: E402
 
 
 def _timed_pair(fns, repeats):
@@ -45,20 +47,10 @@ def pytorch_fid_model(seed: int = 0):
   """pytorch-fid's `InceptionV3([3])` (FID blocks, resize and normalisation on) with random
   weights, and its network's state dict as numpy (the input of our converter)."""
   import torch
-  import torchvision
   from pytorch_fid import inception as pfi
+  from torch_reference import fid_inception_v3_random  # benchmarks/ is on sys.path
   torch.manual_seed(seed)
-  net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
-                                        init_weights=False)
-  net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
-  net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
-  net.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
-  net.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
-  net.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
-  net.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
-  net.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
-  net.Mixed_7b = pfi.FIDInceptionE_1(1280)
-  net.Mixed_7c = pfi.FIDInceptionE_2(2048)
+  net = fid_inception_v3_random(pfi)
   with unittest.mock.patch.object(pfi, "fid_inception_v3", lambda: net):
     model = pfi.InceptionV3([3])
   # BatchNorm statistics from a batch of random images, so that every layer sees unit-scale

@@ -454,3 +454,23 @@ def main():
 
 if __name__ == "__main__":
   main()
+
+
+# --- pytorch-fid's Inception, random weights ---------------------------------------------------
+
+def fid_inception_v3_random(pfi):
+  """pytorch-fid's `fid_inception_v3()` with its FID blocks and random weights, minus the
+  weight download (the benchmarks' one copy; tests/test_inception.py keeps its own)."""
+  import torchvision  # noqa: PLC0415
+  net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
+                                        init_weights=False)
+  net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
+  net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
+  net.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
+  net.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
+  net.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
+  net.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
+  net.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
+  net.Mixed_7b = pfi.FIDInceptionE_1(1280)
+  net.Mixed_7c = pfi.FIDInceptionE_2(2048)
+  return net

@@ -256,13 +256,7 @@ def test_a_full_disk_fails_that_save_at_once_and_keeps_the_one_before(
 def test_a_truncated_trajectory_shard_is_named_with_the_command_that_rewrites_it(tmp_path, pool):
   config = helpers.student_config()
   config.trajectory.num_examples, config.trajectory.shard_size = 16, 8
-  directory = str(tmp_path / "trajectories")
-  plan = dict(generate.plan_from_config(config, "synthetic"), noise="stored")
-  trajectories.prepare(directory, plan)
-  for shard in range(2):
-    trajectories.write_shard(directory, plan, shard,
-                             {k: v[shard * 8:(shard + 1) * 8] for k, v in pool.items()})
-  trajectories.finalize(directory, plan)
+  directory = helpers.write_pool_dataset(config, str(tmp_path / "trajectories"), pool)
   shard = trajectories.shard_path(directory, 1, 2)
   with open(shard, "r+b") as f:
     f.truncate(os.path.getsize(shard) // 2)

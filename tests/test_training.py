@@ -8,9 +8,8 @@ import pytest
 import training_helpers as helpers
 
 from dsno_jax import diffusion, export, models
-from dsno_jax.data import digits, images, trajectories
+from dsno_jax.data import digits, images
 from dsno_jax.models import io as model_io
-from dsno_jax.teachers import generate
 from dsno_jax.training import loop, losses, objectives, runs, state
 
 helpers.use_compilation_cache()
@@ -172,13 +171,7 @@ def test_export_student_writes_the_ema_params(one_device_run):
 def test_train_student_reads_the_trajectory_dataset_and_starts_from_the_teacher(tmp_path, pool):
   config = student_config(num_steps=2, fsdp=True, init_from_teacher=True)
   config.trajectory.num_examples, config.trajectory.shard_size = 16, 8
-  directory = str(tmp_path / "trajectories")
-  plan = dict(generate.plan_from_config(config, "synthetic"), noise="stored")
-  trajectories.prepare(directory, plan)
-  for shard in range(2):
-    trajectories.write_shard(directory, plan, shard,
-                             {k: v[shard * 8:(shard + 1) * 8] for k, v in pool.items()})
-  trajectories.finalize(directory, plan)
+  helpers.write_pool_dataset(config, str(tmp_path / "trajectories"), pool)
   teacher = models.init_teacher(config, jax.random.PRNGKey(5))
   model_io.save_model(str(tmp_path / "teacher"), jax.device_get(teacher), config, "teacher")
 

@@ -122,3 +122,19 @@ def run_student(workdir, pool, *, num_steps, mesh=None, process_index=0, process
       process_index=process_index, process_count=process_count, nan_at_step=nan_at_step,
       sigterm_at_step=sigterm_at_step)
   return loop.train(config, str(workdir), objective, batches, mesh=mesh)
+
+
+def write_pool_dataset(config, directory: str, pool: dict, shard_size: int = 8) -> str:
+  """The first config.trajectory.num_examples of `pool` as a trajectory dataset (noise stored)."""
+  from dsno_jax.data import trajectories
+  from dsno_jax.teachers import generate
+  plan = dict(generate.plan_from_config(config, "synthetic"), noise="stored",
+              shard_size=shard_size)
+  trajectories.prepare(directory, plan)
+  for shard in range(trajectories.num_shards(plan["num_examples"], shard_size)):
+    rows = trajectories.shard_range(shard, plan["num_examples"], shard_size)
+    trajectories.write_shard(directory, plan, shard,
+                             {k: v[rows.start:rows.stop] for k, v in pool.items()})
+  trajectories.finalize(directory, plan)
+  return directory
+
