@@ -28,6 +28,12 @@ INSTALL_REQUIRES = [
     "matplotlib",
     # The embedded default data set (8x8 digits) ships inside scikit-learn.
     "scikit-learn",
+    # gs:// paths: etils.epath reaches Cloud Storage through gcsfs (TPU VMs have no TensorFlow
+    # GCS client to fall back on when tensorflow-cpu is absent or pointed at an emulator), and
+    # the workdir lock needs google-cloud-storage's generation preconditions. Both are small
+    # and every launcher here writes to a bucket, so they are required, not an extra.
+    "gcsfs",
+    "google-cloud-storage",
 ]
 
 TEST_REQUIRES = [
@@ -41,6 +47,8 @@ TEST_REQUIRES = [
     "lmdb",
     # tests/test_perceptual.py compares LPIPS and the VGG feature distance with the lpips package.
     "lpips",
+    # tests/test_gcs.py runs gs:// workdirs against this Cloud Storage emulator on loopback.
+    "gcp-storage-emulator",
 ]
 
 setuptools.setup(

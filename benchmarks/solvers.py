@@ -118,7 +118,7 @@ def unet_speed(step_counts, batch=8):
       jax.block_until_ready(compiled(z1))
       run_s = min(run_s, time.perf_counter() - start)
     rows.append((steps, ode.nfe("ddim", steps, "uniform_t", save_times)
-                 + ode.target_nfe(save_times),
+                 + ode.target_nfe("ddim", save_times),
                  compile_s, run_s, batch / run_s))
   return rows
 

@@ -115,6 +115,34 @@ def get_config():
   train.sample_every = 0  # steps between sample grids (0 = off)
   train.fsdp = False  # shard parameters and optimiser state over devices
 
+  # --- distribution-matching refinement of the student's one-step output (mode refine) -------
+  # DMD (Yin et al. 2024): a fake denoiser, initialised from the teacher, learns the student's
+  # t=0 samples with the teacher's loss; the student moves along w (x_fake - x_real) at
+  # z_t = alpha_t x + sigma_t eps. Starts from WORKDIR/export, writes WORKDIR/export_refined.
+  config.refine = refine = ml_collections.ConfigDict()
+  refine.in_pipeline = False  # run the refine stage in --mode=pipeline (after export)
+  refine.batch_size = 64  # global batch of generator samples (examples)
+  refine.num_steps = 400  # optimiser steps, fake-denoiser and generator updates counted together
+  refine.fake_steps = 4  # fake-denoiser updates per generator update (two time-scale rule)
+  refine.learning_rate = 1e-5  # the generator's (student's) Adam learning rate, constant
+  refine.fake_learning_rate = 1e-4  # the fake denoiser's Adam learning rate, constant
+  refine.b1, refine.b2, refine.eps = 0.0, 0.999, 1e-8  # Adam of both (DMD2 uses b1 = 0)
+  refine.grad_clip = 1.0  # global-norm clip of each half's gradient (0 = off)
+  refine.grad_accum = 1  # micro-batches per optimiser step
+  refine.ema_decay = 0.99  # EMA of parameters, per step (the refined export is the EMA)
+  # t range of the distribution-matching noise, in [0, 1] of the cosine schedule (DMD: 0.02-0.98)
+  refine.t_min, refine.t_max = 0.02, 0.98
+  refine.dmd_weighting = "dmd"  # "dmd" (1 / mean|x - x_real| per example) | "uniform"
+  refine.fake_loss_weighting = "snr_trunc"  # the fake denoiser's loss, as teacher.train's
+  # DSNO's trajectory loss (train.loss, train.time_weighting) on the trajectory dataset, kept as
+  # a regulariser (DMD's regression term) times this weight; 0 = off
+  refine.regression_weight = 0.0
+  refine.log_every = 50  # steps between metric writes
+  refine.checkpoint_every = 200  # steps between checkpoints
+  refine.keep_checkpoints = 2  # checkpoints kept
+  refine.sample_every = 0  # steps between sample grids (0 = off)
+  refine.fsdp = False  # shard parameters and optimiser state over devices
+
   # --- evaluation (mode evaluate) --------------------------------------------
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_samples = 1000  # samples per metric

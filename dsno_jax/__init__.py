@@ -1,5 +1,10 @@
 """dsno_jax: one-step sampling of diffusion models by learning the PF-ODE solution operator."""
-from dsno_jax import backend as _backend
+from dsno_jax import storage as _storage
+
+# Before any Cloud Storage client is imported: some read their settings at import.
+_storage.configure_emulator()
+
+from dsno_jax import backend as _backend  # noqa: E402
 
 __version__ = "0.1.0"
 

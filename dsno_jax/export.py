@@ -1,4 +1,5 @@
-"""Exports of the trained networks side by side: the EMA teacher and the EMA student."""
+"""Exports of the trained networks side by side: the EMA teacher, the EMA student and the
+refined student."""
 from typing import Dict, Tuple
 
 from absl import logging
@@ -32,13 +33,36 @@ def export_student(config, workdir: str) -> str:
   return path
 
 
-def load_student(workdir: str) -> Tuple[Dict, ml_collections.ConfigDict]:
-  """(params, the exported config) of WORKDIR/export, written by --mode=export."""
-  path = Workdir(workdir).student_export
+def export_refined(config, workdir: str) -> str:
+  """Writes the EMA generator of the newest refine checkpoint to WORKDIR/export_refined.
+
+  It is the whole DSNO student, but only its t=0 output (the one-step sample) was refined;
+  its K-1 other outputs share the refined backbone, are not trained towards the teacher's
+  trajectories (except by refine.regression_weight > 0) and are not to be trusted.
+  """
+  from dsno_jax.training import refine
+  parallel.initialize_distributed(config)
+  abstract = {refine.GENERATOR: models.param_shapes(models.init_student, config),
+              refine.FAKE: models.param_shapes(models.init_teacher, config)}
+  mesh = parallel.make_mesh()
+  params, step = checkpoints.restore_ema_params(workdir, "refine", abstract, config, mesh)
+  path = model_io.save_model(Workdir(workdir).refined_export,
+                             parallel.to_host(params[refine.GENERATOR], mesh), config,
+                             role="student")
+  parallel.barrier("dsno_jax:export_refined")  # process 0 finishes the export's files last
+  logging.info("exported the EMA refined student of step %d to %s", step, path)
+  return path
+
+
+def load_student(workdir: str, refined: bool = False) -> Tuple[Dict, ml_collections.ConfigDict]:
+  """(params, the exported config) of WORKDIR/export (--mode=export), or with `refined` of
+  WORKDIR/export_refined (--mode=refine: trust only its last, t=0, output)."""
+  run = Workdir(workdir)
+  path, mode = (run.refined_export, "refine") if refined else (run.student_export, "export")
   try:
     params, config, role = model_io.load_model(path)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"no exported student at {path}: run --mode=export first ({e})"
+    raise FileNotFoundError(f"no exported student at {path}: run --mode={mode} first ({e})"
                             ) from None
   if role != "student":
     raise ValueError(f"{path} holds a {role}, expected the exported student")

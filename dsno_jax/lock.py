@@ -2,10 +2,10 @@
 
 A run holds its workdir's lock for its whole life; a second run on the same workdir stops at
 once, naming the holder. A lock left by a killed run on this host (its pid is gone) is taken
-over. The lock is reached through `LocalLockFile`'s three operations, which are those of a
-generation-checked object (on Cloud Storage: a write with if_generation_match=0, a read that
-returns the generation, a delete with if_generation_match), so a remote lock can take its
-place; only local paths are locked for now.
+over. The lock is reached through three operations, those of a generation-checked object:
+`LocalLockFile` for a local workdir, `CloudLockFile` for a `gs://` one (a create with
+if_generation_match=0, a read that returns the generation, a delete with if_generation_match:
+https://cloud.google.com/storage/docs/request-preconditions).
 """
 import contextlib
 import datetime
@@ -18,6 +18,8 @@ import uuid
 from typing import Dict, Iterator, Optional
 
 from absl import logging
+
+from dsno_jax import storage
 
 _TAKEOVER_ATTEMPTS = 5  # a lock that changes hands this often between our reads is contended
 _held: Dict[str, int] = {}  # lock path -> nesting depth, for the locks this process holds
@@ -115,6 +117,60 @@ class LocalLockFile:
     return ours
 
 
+class CloudLockFile:
+  """The lock as a Cloud Storage object; Cloud Storage's preconditions make each step atomic.
+
+  Each operation also checks what it reads first, which changes nothing on Cloud Storage and
+  keeps the lock sound on emulators that ignore preconditions.
+  """
+
+  def __init__(self, path: str):
+    from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    self.path, self._exceptions = path, exceptions
+    bucket, _, name = path.split("://", 1)[1].partition("/")
+    self._bucket = gcs.Client().bucket(bucket)  # an emulator's client needs no project
+    self._name = name
+
+  def create(self, record: Dict) -> bool:
+    if self._bucket.get_blob(self._name) is not None:
+      return False
+    try:
+      self._bucket.blob(self._name).upload_from_string(
+          json.dumps(record), content_type="application/json", if_generation_match=0)
+      return True
+    except self._exceptions.PreconditionFailed:
+      return False
+
+  def _get(self):
+    """(the record as read, its generation), or (None, None) when there is no lock."""
+    blob = self._bucket.get_blob(self._name)
+    if blob is None:
+      return None, None
+    try:
+      text = blob.download_as_bytes(if_generation_match=blob.generation).decode()
+    except (self._exceptions.NotFound, self._exceptions.PreconditionFailed):
+      return None, None  # replaced or released between the two requests: look again
+    try:
+      record = json.loads(text)
+    except ValueError:
+      return {}, blob.generation
+    return (record if isinstance(record, dict) else {}), blob.generation
+
+  def read(self) -> Optional[Dict]:
+    return self._get()[0]
+
+  def delete(self, token: str) -> bool:
+    record, generation = self._get()
+    if not record or record.get("token") != token:
+      return False
+    try:
+      self._bucket.blob(self._name).delete(if_generation_match=generation)
+      return True
+    except (self._exceptions.NotFound, self._exceptions.PreconditionFailed):
+      return False
+
+
 def _describe(record: Dict) -> str:
   if not record:
     return "an unreadable lock record"
@@ -144,10 +200,12 @@ def _in_use_message(workdir: str, path: str, record: Dict) -> str:
     return (f"the workdir {workdir} is locked, but its lock file {path} cannot be read. If no "
             f"run is using this workdir, delete {path} and start again; otherwise use another "
             "--workdir")
+  delete = f"gcloud storage rm {path}" if storage.is_remote(path) else f"rm {path}"
   return (f"the workdir {workdir} is in use by another run: {_describe(record)} (lock file "
           f"{path}). Wait for it to finish, or stop it (kill {record.get('pid')} on "
           f"{record.get('host')}) and start this run again, or use another --workdir. If that "
-          f"run is gone but was on another host, delete {path}.")
+          f"run is gone but was on another host (a lock of another host cannot be checked from "
+          f"here), delete its lock (`{delete}`) and start again.")
 
 
 @contextlib.contextmanager
@@ -156,7 +214,7 @@ def hold(path: str, what: str, enabled: bool = True) -> Iterator[None]:
 
   `what` (e.g. "--mode=train") is recorded for the message another run shows. Re-entrant
   in one process, so a pipeline that holds the lock can run its modes. `enabled=False` (the
-  processes other than 0 of a multi-process run) holds nothing. A URL workdir is not locked.
+  processes other than 0 of a multi-process run) holds nothing. `path` may be a `gs://` URL.
   """
   workdir = os.path.dirname(path)
   with _held_guard:
@@ -170,14 +228,13 @@ def hold(path: str, what: str, enabled: bool = True) -> Iterator[None]:
       with _held_guard:
         _held[path] -= 1
     return
-  if not enabled or "://" in path:
-    if enabled:
-      logging.warning("the workdir %s is not locked: only local workdirs are", workdir)
+  if not enabled:
     yield
     return
 
-  os.makedirs(workdir, exist_ok=True)
-  store, record = LocalLockFile(path), _this_process(what)
+  storage.makedirs(workdir)
+  store = CloudLockFile(path) if storage.is_remote(path) else LocalLockFile(path)
+  record = _this_process(what)
   for _ in range(_TAKEOVER_ATTEMPTS):
     if store.create(record):
       break

@@ -3,12 +3,12 @@
 Imports are inside the functions so that a mode loads only what it needs.
 """
 import json
-import os
 import time
 from typing import Callable, List, Optional, Tuple
 
 from absl import logging
 
+from dsno_jax import storage
 from dsno_jax.workdir import Workdir
 
 # The exit status of a run stopped for preemption after saving its checkpoint (sysexits'
@@ -63,6 +63,25 @@ def export(config, workdir: str) -> str:
   return export_lib.export_student(config, workdir)
 
 
+def refine(config, workdir: str) -> str:
+  """Distribution-matching refinement of WORKDIR/export's one-step output (DMD); writes
+  WORKDIR/export_refined. Raises Preempted when stopped early (nothing is exported)."""
+  from dsno_jax import export as export_lib
+  from dsno_jax.training import refine as refine_lib
+  result = refine_lib.refine_student(config, workdir)
+  if result.preempted:
+    raise Preempted("refinement preempted; its checkpoint is saved")
+  return export_lib.export_refined(config, workdir)
+
+
+def _refine_stage(config, workdir: str) -> Optional[str]:
+  """The pipeline's refine stage: `refine` when config.refine.in_pipeline, else nothing."""
+  if not config.refine.in_pipeline:
+    logging.info("pipeline: refine is off (config.refine.in_pipeline=False)")
+    return None
+  return refine(config, workdir)
+
+
 def sample(config, workdir: str) -> str:
   """Draws one-step samples from WORKDIR/export; writes .npz and PNGs."""
   from dsno_jax.evaluation import sampling
@@ -76,7 +95,7 @@ def evaluate(config, workdir: str):
 
 
 def _latest_step(directory: str) -> int:
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return -1
   import orbax.checkpoint as ocp
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
@@ -88,18 +107,22 @@ def _latest_step(directory: str) -> int:
 def stages(config, workdir: str) -> List[Tuple[str, Callable[[], bool], Callable]]:
   """(name, is_done(), run()) of every pipeline stage, in order; each is also a mode."""
   from dsno_jax.data import trajectories
+  from dsno_jax.models.io import is_export
   run_dir = Workdir(workdir)
   needs_teacher = not config.teacher.checkpoint and config.teacher.kind == "unet"
   done = {
-      train_teacher: lambda: not needs_teacher or os.path.isdir(run_dir.teacher_export),
-      classifier: lambda: config.data.name != "digits" or os.path.isdir(run_dir.classifier),
+      train_teacher: lambda: not needs_teacher or is_export(run_dir.teacher_export),
+      classifier: lambda: config.data.name != "digits" or is_export(run_dir.classifier),
       generate: lambda: trajectories.is_complete(run_dir.trajectories(config)),
       train: lambda: _latest_step(run_dir.checkpoints("student")) >= config.train.num_steps,
-      export: lambda: os.path.isdir(run_dir.student_export),
-      sample: lambda: os.path.isfile(run_dir.samples_npz),
-      evaluate: lambda: os.path.isfile(run_dir.results),
+      export: lambda: is_export(run_dir.student_export),
+      refine: lambda: not config.refine.in_pipeline or is_export(run_dir.refined_export),
+      sample: lambda: storage.isfile(run_dir.samples_npz),
+      evaluate: lambda: storage.isfile(run_dir.results),
   }
-  return [(mode.__name__, is_done, lambda mode=mode: mode(config, run_dir.root))
+  run_as = {refine: _refine_stage}  # stages that may be switched off in the config
+  return [(mode.__name__, is_done,
+           lambda mode=mode: run_as.get(mode, mode)(config, run_dir.root))
           for mode, is_done in done.items()]
 
 
@@ -118,12 +141,13 @@ def pipeline(config, workdir: str):
     upstream_ran = True
   summary = "\n".join(f"  {name:<14} {t}" for name, t in timings)
   print(f"pipeline stages:\n{summary}")
-  with open(Workdir(workdir).results) as f:
-    return json.load(f)
+  from dsno_jax import parallel
+  parallel.barrier("dsno_jax:pipeline_results")  # process 0 writes the results all read
+  return json.loads(storage.read_text(Workdir(workdir).results))
 
 
-MODES = {f.__name__: f for f in (train_teacher, classifier, generate, train, export, sample,
-                                 evaluate, pipeline)}
+MODES = {f.__name__: f for f in (train_teacher, classifier, generate, train, export, refine,
+                                 sample, evaluate, pipeline)}
 
 
 def run(mode: str, config, workdir: str):

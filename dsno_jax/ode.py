@@ -71,7 +71,11 @@ def _coefficients(logsnr_from, logsnr_to, dtype):
 class DDIM(diffrax.AbstractSolver):
   """The DDIM step from lam_t to lam_u: x = D(z_t), eps = (z_t - alpha_t x)/sigma_t,
   z_u = alpha_u x + sigma_u eps (the exact first-order exponential integrator in data
-  prediction: DPM-Solver++(1), Lu et al. 2022, Section 4)."""
+  prediction: DPM-Solver++(1), Lu et al. 2022, Section 4).
+
+  The state is (x of the last step start,): every fixed-step solver's state starts with it
+  (`step_x_hat`), so a save time on the grid gets its x-hat from the step that starts there.
+  """
   term_structure: ClassVar = PFODETerm
   interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
 
@@ -79,7 +83,7 @@ class DDIM(diffrax.AbstractSolver):
     return 1
 
   def init(self, terms, t0, t1, y0, args):
-    return None
+    return (jnp.zeros_like(y0),)
 
   def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
     del solver_state, made_jump
@@ -88,7 +92,7 @@ class DDIM(diffrax.AbstractSolver):
     x_hat = term.x_hat(t0, y0)
     eps = (y0 - a0 * x_hat) / s0
     y1 = a1 * x_hat + s1 * eps
-    return y1, None, dict(y0=y0, y1=y1), None, diffrax.RESULTS.successful
+    return y1, None, dict(y0=y0, y1=y1), (x_hat,), diffrax.RESULTS.successful
 
   def func(self, terms, t0, y0, args):
     return terms.vf(t0, y0, args)
@@ -129,7 +133,7 @@ def _history_weights(logsnr_nodes, logsnr_from, logsnr_to):
 
 def _multistep_history(y0):
   """A multistep solver's state before its first step: (x_hat at the last two step starts,
-  their log-SNRs, steps taken)."""
+  latest first (`step_x_hat`), their log-SNRs, steps taken)."""
   zero_t = jnp.zeros((), y0.dtype)
   return (jnp.zeros_like(y0), jnp.zeros_like(y0), zero_t, zero_t, jnp.zeros((), jnp.int32))
 
@@ -257,6 +261,12 @@ def make_solver(solver: str, logsnr_end: float = 20.0) -> diffrax.AbstractSolver
   }[solver]()
 
 
+def step_x_hat(solver_state) -> jax.Array:
+  """x-hat = D(z_i, lam_i) (B, H, W, C) at the start of the fixed-step solver step that returned
+  `solver_state`: DDIM, DPMSolverPP and PhiMultistep keep it first in their state."""
+  return solver_state[0]
+
+
 # --- time grids -----------------------------------------------------------------------------
 
 
@@ -367,8 +377,9 @@ def nfe(solver: str, num_steps: int, grid: str = "uniform_t", save_times: Sequen
   """Denoiser evaluations of the ODE solve of a fixed-step solver: one per grid step.
 
   None for the adaptive solvers, whose count depends on the data (`trajectory_and_stats`
-  reports it). The x-hats at the save times cost `target_nfe(save_times)` more; with
-  save_times=(0.0,) (a sample) there are none, so "NFE n" is n evaluations in all.
+  reports it). For a fixed-step solver this is every evaluation of `trajectory`: the x-hat at
+  a save time is the one of the step that starts there, and at t=0 it is z/alpha
+  (`target_nfe` is 0).
   """
   _check_solver(solver)
   _check_grid(grid)
@@ -377,13 +388,20 @@ def nfe(solver: str, num_steps: int, grid: str = "uniform_t", save_times: Sequen
   return len(logsnr_grid(num_steps, grid, save_times, logsnr_min, logsnr_max)) - 1
 
 
-def target_nfe(save_times: Sequence[float]) -> int:
-  """Denoiser evaluations for the x-hats at the save times: one per save time but t=0.
+def target_nfe(solver: str, save_times: Sequence[float]) -> int:
+  """Denoiser evaluations for the x-hats at the save times beyond those of the ODE solve.
 
-  At t=0 (logsnr_max) x-hat is read off the solution as z/alpha with no evaluation: the
-  denoiser there is the identity up to sigma/alpha = exp(-logsnr_max/2) (4.5e-5 at 20).
+  Fixed-step solvers: none, as every save time is a grid point and the step that starts there
+  evaluates its x-hat. Adaptive solvers: one per save time but t=0, since their stages do not
+  land on the save times. At t=0 (logsnr_max) x-hat is read off the solution as z/alpha with
+  no evaluation: the denoiser there is the identity up to sigma/alpha = exp(-logsnr_max/2)
+  (4.5e-5 at 20).
   """
-  return int(np.count_nonzero(check_save_times(save_times) > 0.0))
+  _check_solver(solver)
+  times = check_save_times(save_times)
+  if solver in FIXED_STEP_SOLVERS:
+    return 0
+  return int(np.count_nonzero(times > 0.0))
 
 
 # --- trajectories -----------------------------------------------------------------------------
@@ -398,6 +416,59 @@ def _adaptive_nfe(solver, num_steps):
   return per_step * num_steps + 1
 
 
+def _check_concrete_grid(grid_logsnrs, save, dtype, logsnr_min, logsnr_max):
+  """ValueError unless a concrete grid runs from logsnr_min to logsnr_max, increasing, through
+  every save log-SNR (compared in `dtype`, as the solve does); a traced grid is checked at run
+  time instead (`_fixed_step_solve`)."""
+  try:
+    grid = np.asarray(grid_logsnrs).astype(dtype)
+  except (TypeError, jax.errors.TracerArrayConversionError):
+    return
+  ends = np.asarray([logsnr_min, logsnr_max], np.float64).astype(dtype)
+  if (grid.ndim != 1 or grid.size < 2 or np.any(np.diff(grid) <= 0)
+      or np.any(grid[[0, -1]] != ends)):
+    raise ValueError(f"grid_logsnrs={grid_logsnrs!r}; expected an increasing 1-D grid from "
+                     f"logsnr_min={logsnr_min} to logsnr_max={logsnr_max}")
+  missing = np.setdiff1d(save.astype(dtype), grid)
+  if missing.size:
+    raise ValueError(f"save_logsnrs {missing.tolist()} are not points of grid_logsnrs; build the "
+                     "grid with logsnr_grid(..., save_times) so that it contains them")
+
+
+def _fixed_step_solve(term: PFODETerm, solver: diffrax.AbstractSolver, grid, z1, save_interior
+                      ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """The fixed-step solve as a scan of `solver.step` along grid (N+1,) log-SNRs.
+
+  Returns (z at grid[-1] (B, H, W, C), x-hat at each of the save_interior (K,) log-SNRs
+  (K, B, H, W, C), ok: scalar bool). That x-hat is the one the step starting at the save
+  log-SNR evaluated (`step_x_hat`), so it costs nothing. A save log-SNR that no step starts at
+  (a traced grid without it) leaves NaN there and ok False, as does a grid that does not
+  increase (`integrate` checks its ends).
+  """
+  dtype = z1.dtype
+  num_saves = save_interior.shape[0]
+  state = solver.init(term, grid[0], grid[1], z1, None)
+  x_hats = jnp.full((num_saves,) + z1.shape, jnp.nan, dtype)
+
+  def one_step(carry, step_ends):
+    z, state, x_hats, found, ok = carry
+    lam0, lam1 = step_ends
+    z, _, _, state, result = solver.step(term, lam0, lam1, z, None, state, False)
+    ok = ok & (result == diffrax.RESULTS.successful)
+    if num_saves:
+      # The grid may be traced, so which steps start at a save log-SNR is found at run time.
+      hit = lam0 == save_interior
+      k = jnp.argmax(hit)
+      slot = jnp.where(jnp.any(hit), step_x_hat(state), x_hats[k])
+      x_hats = jax.lax.dynamic_update_index_in_dim(x_hats, slot, k, 0)
+      found = found | hit
+    return (z, state, x_hats, found, ok), None
+
+  carry = (z1, state, x_hats, jnp.zeros((num_saves,), bool), jnp.asarray(True))
+  (z, _, x_hats, found, ok), _ = jax.lax.scan(one_step, carry, (grid[:-1], grid[1:]))
+  return z, x_hats, ok & jnp.all(found) & jnp.all(grid[1:] > grid[:-1])
+
+
 def integrate(denoise: Callable, z1, save_logsnrs, *, solver: str = "ddim", grid_logsnrs=None,
               y=None, rtol=1e-5, atol=1e-5, logsnr_min: float = -20.0, logsnr_max: float = 20.0
               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
@@ -405,11 +476,15 @@ def integrate(denoise: Callable, z1, save_logsnrs, *, solver: str = "ddim", grid
 
   save_logsnrs (K,) concrete, increasing, in [logsnr_min, logsnr_max]; grid_logsnrs (N+1,)
   increasing from logsnr_min to logsnr_max and containing save_logsnrs (fixed-step solvers
-  only; diffrax checks the ends at run time). Returns (x_hat (B, K, H, W, C),
-  {'nfe': (B,) int32 ODE evaluations, 'target_nfe': the evaluations for the x-hats at the save
-  times, 'successful': (B,) bool}). Solver failures (an adaptive solve running past
-  MAX_ADAPTIVE_STEPS) are reported in 'successful' rather than raised: raising would put host
-  callbacks into the compiled program.
+  only). Returns (x_hat (B, K, H, W, C), {'nfe': (B,) int32 ODE evaluations, 'target_nfe': the
+  evaluations for the x-hats at the save times beyond those, 'successful': (B,) bool}).
+
+  Fixed-step solvers run as a scan of their `step` whose step-start x-hats are the targets at
+  the save times, so 'target_nfe' is 0. Adaptive solvers run in diffrax.diffeqsolve and
+  evaluate the denoiser again at each save time but logsnr_max ('target_nfe' of them). At
+  logsnr_max x-hat is z/alpha (see `target_nfe`). Failures (an adaptive solve running past
+  MAX_ADAPTIVE_STEPS, a traced grid that misses a save log-SNR or the ends) are reported in
+  'successful' rather than raised: raising would put host callbacks into the compiled program.
   """
   _check_solver(solver)
   try:
@@ -424,23 +499,33 @@ def integrate(denoise: Callable, z1, save_logsnrs, *, solver: str = "ddim", grid
                      f"logsnr_max] = [{logsnr_min}, {logsnr_max}]")
   z1 = jnp.asarray(z1)
   dtype, batch = z1.dtype, z1.shape[0]
-  saveat = diffrax.SaveAt(ts=jnp.asarray(save, dtype))
   t0, t1 = jnp.asarray(logsnr_min, dtype), jnp.asarray(logsnr_max, dtype)
+  alpha_end, _ = diffusion.alpha_sigma(t1)
+  at_end = save >= logsnr_max
+  interior = int(np.count_nonzero(~at_end))
 
   if solver in FIXED_STEP_SOLVERS:
     if grid_logsnrs is None:
       raise ValueError(f"solver={solver!r} needs grid_logsnrs (a fixed grid)")
-    grid_logsnrs = jnp.asarray(grid_logsnrs, dtype)
-    num_steps = grid_logsnrs.shape[0] - 1
-    sol = diffrax.diffeqsolve(
-        pf_ode_term(denoise, y), make_solver(solver, t1), t0, t1, None, z1, saveat=saveat,
-        stepsize_controller=diffrax.StepTo(ts=grid_logsnrs), max_steps=num_steps, throw=False)
-    z_saved = jnp.moveaxis(sol.ys, 0, 1)  # (B, K, H, W, C)
+    _check_concrete_grid(grid_logsnrs, save, dtype, logsnr_min, logsnr_max)
+    grid = jnp.asarray(grid_logsnrs, dtype)
+    if grid.ndim != 1 or grid.shape[0] < 2:
+      raise ValueError(f"grid_logsnrs has shape {grid.shape}; expected (N+1,) with N >= 1 steps")
+    num_steps = grid.shape[0] - 1
+    z_end, x_interior, ok = _fixed_step_solve(
+        pf_ode_term(denoise, y), make_solver(solver, t1), grid, z1,
+        jnp.asarray(save[:interior], dtype))
+    ok = ok & (grid[0] == t0) & (grid[-1] == t1)
+    x_hats = [jnp.moveaxis(x_interior, 0, 1)] if interior else []
+    if interior < save.size:
+      x_hats.append((z_end / alpha_end)[:, None])
     count = jnp.full((batch,), num_steps, jnp.int32)
-    successful = jnp.full((batch,), sol.result == diffrax.RESULTS.successful)
+    successful = jnp.full((batch,), ok)
+    target_count = 0
   else:
     # Each example gets its own steps, so results do not depend on the batch it sits in
     # (nor on how the batch is sharded).
+    saveat = diffrax.SaveAt(ts=jnp.asarray(save, dtype))
     controller = diffrax.PIDController(rtol=rtol, atol=atol,
                                        step_ts=jnp.asarray(save, dtype))
 
@@ -453,23 +538,19 @@ def integrate(denoise: Callable, z1, save_logsnrs, *, solver: str = "ddim", grid
     labels = None if y is None else jnp.asarray(y)[:, None]
     z_saved, steps, successful = jax.vmap(solve_one)(z1, labels)
     count = _adaptive_nfe(solver, steps).astype(jnp.int32)
-
-  # x-hat at the save times. The one at logsnr_max (t=0) is read off the solution (see
-  # target_nfe); the others are the denoiser at the solution, the times folded into the batch.
-  at_end = save >= logsnr_max
-  interior = int(np.count_nonzero(~at_end))
-  x_hats = []
-  if interior:
-    z_flat = z_saved[:, :interior].reshape((batch * interior,) + z1.shape[1:])
-    y_flat = None if y is None else jnp.repeat(jnp.asarray(y), interior)
-    logsnr_flat = jnp.tile(jnp.asarray(save[:interior], dtype), batch)
-    x_hats.append(denoise(z_flat, logsnr_flat, y_flat).astype(dtype).reshape(
-        z_saved[:, :interior].shape))
-  if interior < save.size:
-    alpha_end, _ = diffusion.alpha_sigma(jnp.asarray(logsnr_max, dtype))
-    x_hats.append(z_saved[:, interior:] / alpha_end)
+    # The denoiser at the solution, the interior save times folded into the batch.
+    x_hats = []
+    if interior:
+      z_flat = z_saved[:, :interior].reshape((batch * interior,) + z1.shape[1:])
+      y_flat = None if y is None else jnp.repeat(jnp.asarray(y), interior)
+      logsnr_flat = jnp.tile(jnp.asarray(save[:interior], dtype), batch)
+      x_hats.append(denoise(z_flat, logsnr_flat, y_flat).astype(dtype).reshape(
+          z_saved[:, :interior].shape))
+    if interior < save.size:
+      x_hats.append(z_saved[:, interior:] / alpha_end)
+    target_count = interior
   x_hat = jnp.concatenate(x_hats, axis=1) if len(x_hats) > 1 else x_hats[0]
-  return x_hat, {"nfe": count, "target_nfe": interior, "successful": successful}
+  return x_hat, {"nfe": count, "target_nfe": target_count, "successful": successful}
 
 
 def trajectory_and_stats(denoise: Callable, z1, save_times: Sequence[float], *,
@@ -477,10 +558,10 @@ def trajectory_and_stats(denoise: Callable, z1, save_times: Sequence[float], *,
                          y=None, rtol: float = 1e-5, atol: float = 1e-5,
                          logsnr_min: float = -20.0, logsnr_max: float = 20.0
                          ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """`trajectory` plus stats: {'nfe': (B,) int32 evaluations of the ODE solve (the count an
-  adaptive solve made), 'target_nfe': evaluations for the x-hats at the save times
-  (`target_nfe(save_times)`), 'successful': (B,) bool (False where an adaptive solve ran out of
-  steps)}."""
+  """`trajectory` plus stats: {'nfe': (B,) int32 evaluations of the ODE solve (`nfe`, or the
+  count an adaptive solve made), 'target_nfe': evaluations for the x-hats at the save times
+  beyond those (`target_nfe(solver, save_times)`: 0 for fixed-step solvers), 'successful': (B,)
+  bool (False where an adaptive solve ran out of steps)}."""
   _check_solver(solver)
   _check_grid(grid)
   _check_logsnr_range(logsnr_min, logsnr_max)
@@ -508,7 +589,8 @@ def trajectory(denoise: Callable, z1, save_times: Sequence[float], *, solver: st
 
   denoise(z (B,H,W,C), logsnr (B,), y) -> x_hat; z1 (B,H,W,C) ~ N(0, I), taken as z at
   logsnr_min; save_times (K,) concrete, strictly decreasing in [0, 1] (t=0 uses
-  lam = logsnr_max, where x-hat is z/alpha with no evaluation: see `target_nfe`). `solver`:
+  lam = logsnr_max, where x-hat is z/alpha with no evaluation; elsewhere a fixed-step solver's
+  x-hat is the one its step from that save time evaluated: see `target_nfe`). `solver`:
   ddim | dpmpp2m | dpmpp3m | phi2m | phi3m on the fixed `grid` of `num_steps` (uniform_t |
   uniform_logsnr | edm, containing the save times), or tsit5 | dopri5 | dopri8 with PID step
   control at (rtol, atol). Returns (B, K, H, W, C) in z1's dtype. Elementwise over the batch,

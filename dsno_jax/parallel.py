@@ -1,6 +1,6 @@
 """Device mesh, shardings, per-host input, gathering to the host, and multi-process start-up."""
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
@@ -162,6 +162,80 @@ def draw(fn: Callable, params, num_examples: int, batch_size: int, mesh: Mesh) -
     outputs = gather(*fn(params, indices))
     pieces.append(tuple(np.asarray(a.addressable_data(0)) for a in outputs))
   return tuple(np.concatenate(p)[:num_examples] for p in zip(*pieces))
+
+
+def process_share(num_examples: int) -> np.ndarray:
+  """This process's rows of 0..num_examples-1: contiguous, in process order, sizes within one."""
+  return np.array_split(np.arange(num_examples), jax.process_count())[jax.process_index()]
+
+
+def all_processes(value) -> np.ndarray:
+  """Every process's `value` (same shape on all), stacked in process order: (P, ...)."""
+  if jax.process_count() == 1:
+    return np.asarray(value)[None]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.asarray(value), tiled=False))
+
+
+def gather_shares(local: np.ndarray, num_examples: int) -> np.ndarray:
+  """Each process's `process_share(num_examples)` rows (n_p, ...) -> all rows (num_examples, ...),
+  on every host."""
+  sizes = [len(s) for s in np.array_split(np.arange(num_examples), jax.process_count())]
+  if len(local) != sizes[jax.process_index()]:
+    raise ValueError(f"{len(local)} local rows; expected this process's share of "
+                     f"{num_examples}, {sizes[jax.process_index()]} rows")
+  padded = np.zeros((max(sizes),) + local.shape[1:], local.dtype)
+  padded[:len(local)] = local
+  return np.concatenate([rows[:n] for rows, n in zip(all_processes(padded), sizes)])
+
+
+def jit_rowwise(fn: Callable, mesh: Mesh) -> Callable:
+  """fn(params, x (B, ...)) -> a pytree of (B, ...) arrays, jitted with params replicated and
+  x and the outputs split on `data`: every device computes its own rows."""
+  return jax.jit(fn, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                 out_shardings=batch_sharding(mesh))
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a global array split on its leading axis, as numpy, in row order."""
+  blocks = {}
+  for shard in array.addressable_shards:
+    blocks.setdefault(shard.index[0].start or 0, shard.data)  # replicas hold the same rows
+  return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
+
+
+def map_local_rows(jitted: Callable, params, fetch: Callable[[np.ndarray], np.ndarray],
+                   num_local: int, batch_size: int, mesh: Mesh) -> Iterator[Tuple[int, Any]]:
+  """Runs `jitted` (from `jit_rowwise`) over every device of every host on this process's rows.
+
+  fetch(positions (n,)) -> this process's input rows (n, ...) at those positions of
+  0..num_local-1. Each step, every process feeds batch_size / P of its rows, which become one
+  global batch of batch_size on `data`; a short or missing piece is padded with copies of a
+  row, so every step has one shape (one compilation), and the padding is dropped. Yields
+  (first position, outputs of that batch's rows as numpy) per batch with rows. The processes
+  agree on the number of steps (the largest num_local, one all-gather); each gets back only
+  its own rows, with no all-gather of outputs. Every process must call this alike.
+  """
+  check_batch_size(batch_size, mesh)
+  per_process = batch_size // jax.process_count()
+  counts = all_processes(np.int32(num_local))
+  if counts.min() < 1:
+    raise ValueError(f"rows per process {counts.tolist()}; expected at least 1 on each of the "
+                     f"{jax.process_count()} processes")
+  params = jax.device_put(params, replicated(mesh))
+  sharding = batch_sharding(mesh)
+  filler = None
+  for start in range(0, int(counts.max()), per_process):
+    n = max(0, min(per_process, num_local - start))
+    if n:
+      rows = np.asarray(fetch(np.arange(start, start + n)))
+      filler = rows[-1:]
+    else:
+      rows = filler[:0]
+    rows = np.concatenate([rows, np.repeat(filler, per_process - n, axis=0)])
+    outputs = jitted(params, jax.make_array_from_process_local_data(sharding, rows))
+    if n:
+      yield start, jax.tree_util.tree_map(lambda a, n=n: local_rows(a)[:n], outputs)
 
 
 def _accelerator_present() -> Optional[str]:

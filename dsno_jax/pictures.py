@@ -1,10 +1,13 @@
 """Pictures people look at: sample grids, labelled trajectory strips, metric-versus-NFE and
 memorisation plots (PNG)."""
+import io
 import math
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+from dsno_jax import storage
 
 
 def to_uint8(images) -> np.ndarray:
@@ -38,8 +41,9 @@ def save_png(pixels: np.ndarray, path: str, scale: int = 1) -> str:
   from PIL import Image
   if scale > 1:
     pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())
   return path
 
 
@@ -71,9 +75,10 @@ def _show(ax, pixels):
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
   _pyplot().close(fig)
+  storage.write_bytes(path, buffer.getvalue())
   return path
 
 

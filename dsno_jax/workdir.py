@@ -1,13 +1,15 @@
 """Every directory and file of a run, named once for its writers, readers and done-checks."""
 import dataclasses
-import os
 
-ROLES = ("teacher", "student")  # the two trained networks, each with its own checkpoints
+from dsno_jax import storage
+
+# the trained networks and the student's refinement, each with its own checkpoints
+ROLES = ("teacher", "student", "refine")
 
 
 def resolve(path: str) -> str:
   """An absolute local path, or a URL (`gs://...`) unchanged."""
-  return path if "://" in path else os.path.abspath(path)
+  return storage.resolve(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +21,7 @@ class Workdir:
     object.__setattr__(self, "root", resolve(self.root))
 
   def _join(self, *names: str) -> str:
-    return os.path.join(self.root, *names)
+    return storage.join(self.root, *names)
 
   @property
   def lock(self) -> str:
@@ -54,6 +56,11 @@ class Workdir:
   def student_export(self) -> str:
     """The EMA student written by --mode=export (a models.io export)."""
     return self._join("export")
+
+  @property
+  def refined_export(self) -> str:
+    """The refined student written by --mode=refine (a models.io export of the whole student)."""
+    return self._join("export_refined")
 
   @property
   def classifier(self) -> str:

@@ -2,6 +2,7 @@
 import functools
 import re
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,10 +241,109 @@ def test_fixed_step_nfe_is_the_evaluations_made(mixture, z1, solver):
         denoise, z, save_times, solver=solver, num_steps=num_steps))(z1[:2])
     jax.effects_barrier()  # every callback has run
     made = sum(count) / 2  # per example
-    assert made == ode.nfe(solver, num_steps, "uniform_t", save_times) + ode.target_nfe(save_times)
-    assert np.all(np.asarray(stats["nfe"]) == ode.nfe(solver, num_steps, "uniform_t", save_times))
-    assert stats["target_nfe"] == ode.target_nfe(save_times) == len(save_times) - 1
-  assert made == 9 + 3 and ode.nfe(solver, 5) == 5  # a sample at "NFE 5" makes exactly 5
+    nfe = ode.nfe(solver, num_steps, "uniform_t", save_times)
+    assert made == nfe + ode.target_nfe(solver, save_times)
+    assert np.all(np.asarray(stats["nfe"]) == nfe)
+    assert stats["target_nfe"] == ode.target_nfe(solver, save_times) == 0
+  # one evaluation per step, the interior save times included; a sample at "NFE 5" makes 5
+  assert made == 9 == ode.nfe(solver, 9, "uniform_t", SAVE_TIMES) and ode.nfe(solver, 5) == 5
+
+
+def test_a_trajectory_of_each_config_makes_one_evaluation_per_step(mixture, z1):
+  """ImageNet-64 (DDIM, 16 steps) and digits (phi2m, 32 steps) at the save times of
+  configs/base.py: the x-hats at the interior save times come from the steps that start there
+  and the one at t=0 is z/alpha, so a trajectory costs its step count (it cost 16 + 3 and
+  32 + 3 when each interior save time had an evaluation of its own)."""
+  from configs import digits, imagenet64
+  for get_config, want in ((imagenet64.get_config, 16), (digits.get_config, 32)):
+    trajectory = get_config().trajectory
+    save_times = tuple(trajectory.save_times)
+    assert save_times == SAVE_TIMES
+    denoise, count = _counting(mixture.denoise)
+    x_hat, stats = jax.jit(lambda z: ode.trajectory_and_stats(
+        denoise, z, save_times, solver=trajectory.solver, num_steps=trajectory.num_steps,
+        grid=trajectory.grid))(z1[:2])
+    jax.effects_barrier()  # every callback has run
+    assert sum(count) / 2 == want == ode.nfe(trajectory.solver, trajectory.num_steps,
+                                             trajectory.grid, save_times)
+    assert ode.target_nfe(trajectory.solver, save_times) == stats["target_nfe"] == 0
+    assert np.all(np.asarray(stats["nfe"]) == want) and bool(stats["successful"].all())
+    assert np.isfinite(np.asarray(x_hat)).all()
+
+
+def _saved_z_then_denoise(denoise, z1, save_times, solver, num_steps, y):
+  """The targets as computed before the step-start x-hats were kept: diffrax's fixed-step solve
+  saving z at the save times, then a plain denoiser call at each saved z (z/alpha at t=0)."""
+  save_lam = ode.logsnr_of_times(save_times, -20.0, 20.0)
+  dtype = z1.dtype
+  sol = diffrax.diffeqsolve(
+      ode.pf_ode_term(denoise, y), ode.make_solver(solver, 20.0), -20.0, 20.0, None, z1,
+      saveat=diffrax.SaveAt(ts=jnp.asarray(save_lam, dtype)),
+      stepsize_controller=diffrax.StepTo(ts=jnp.asarray(
+          ode.logsnr_grid(num_steps, "uniform_t", save_times), dtype)),
+      max_steps=num_steps)
+  targets = [denoise(z, jnp.full(z.shape[:1], lam, dtype), y)
+             for z, lam in zip(sol.ys, save_lam) if lam < 20.0]
+  if save_lam[-1] == 20.0:
+    targets.append(sol.ys[-1] / diffusion.alpha_sigma(jnp.asarray(20.0, dtype))[0])
+  return jnp.stack(targets, axis=1)
+
+
+@pytest.mark.parametrize("solver", ode.FIXED_STEP_SOLVERS)
+def test_step_start_x_hats_equal_the_denoiser_at_the_saved_z(mixture, z1, solver):
+  """The stored targets are the solver steps' own x-hats; they equal a separate denoiser
+  evaluation at z of diffrax's solve, for every save time (t=1 included) and with labels."""
+  save_times = (1.0,) + SAVE_TIMES
+  y = jnp.arange(BATCH) % 10
+  got, stats = jax.jit(lambda z: ode.trajectory_and_stats(
+      mixture.denoise, z, save_times, solver=solver, num_steps=12, y=y))(z1)
+  want = jax.jit(lambda z: _saved_z_then_denoise(mixture.denoise, z, save_times, solver, 12, y))(
+      z1)
+  assert got.shape == want.shape == (BATCH, len(save_times), 8, 8, 1)
+  assert bool(stats["successful"].all()) and np.abs(np.asarray(want)).max() > 0.5
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # float32 solves
+
+
+def test_step_start_x_hats_of_a_unet_teacher_equal_the_denoiser_at_the_saved_z(z1):
+  from configs import tiny
+  from dsno_jax import models
+  config = tiny.get_config()
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32),
+      models.param_shapes(models.init_teacher, config))
+  denoise = diffusion.unet_denoiser(models.teacher_from_config(config), params,
+                                     config.teacher.mean_type)
+  y = jnp.arange(BATCH) % 10
+  got = jax.jit(lambda z: ode.trajectory(denoise, z, SAVE_TIMES, solver="dpmpp3m", num_steps=6,
+                                         y=y))(z1)
+  want = jax.jit(lambda z: _saved_z_then_denoise(denoise, z, SAVE_TIMES, "dpmpp3m", 6, y))(z1)
+  assert np.abs(np.asarray(want)).max() > 0.1  # the random network does not output zeros
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_grid_without_a_save_time_is_refused_or_reported(mixture, z1):
+  """A concrete grid is checked up front; a traced one (a jit argument) at run time, reported
+  in 'successful' with NaN targets, without host callbacks."""
+  save = ode.logsnr_of_times(SAVE_TIMES, -20.0, 20.0)
+  good = ode.logsnr_grid(8, "uniform_t", SAVE_TIMES)
+  bad = ode.logsnr_grid(8, "uniform_t", (0.0,))  # holds t=0.25 but not 0.5625 and 0.0625
+  with pytest.raises(ValueError, match="not points of grid_logsnrs"):
+    ode.integrate(mixture.denoise, z1, save, grid_logsnrs=bad)
+  with pytest.raises(ValueError, match="increasing 1-D grid"):
+    ode.integrate(mixture.denoise, z1, save, grid_logsnrs=good[::-1])
+  run = jax.jit(lambda z, grid: ode.integrate(mixture.denoise, z, save, solver="phi2m",
+                                              grid_logsnrs=grid))
+  assert host_calls(run.lower(z1, good).compile()) == []
+  x_good, stats_good = run(z1, good)
+  x_bad, stats_bad = run(z1, bad)
+  assert bool(stats_good["successful"].all()) and np.isfinite(np.asarray(x_good)).all()
+  assert not bool(stats_bad["successful"].any())
+  x_bad = np.asarray(x_bad)
+  assert np.isnan(x_bad[:, [0, 2]]).all() and np.isfinite(x_bad[:, [1, 3]]).all()
+  x_final, _ = jax.jit(lambda z: ode.integrate(mixture.denoise, z, save[3:], solver="phi2m",
+                                                grid_logsnrs=bad))(z1)
+  np.testing.assert_allclose(x_bad[:, 3], x_final[:, 0], rtol=1e-6, atol=1e-6)  # the t=0 one
 
 
 @pytest.mark.parametrize("solver", ode.ADAPTIVE_SOLVERS)

@@ -20,6 +20,9 @@ def reduced_config():
   trajectory = config.trajectory
   trajectory.num_examples, trajectory.batch_size = 64, 32
   trajectory.shard_size, trajectory.num_steps = 32, 4
+  refine = config.refine
+  refine.num_steps, refine.batch_size, refine.fake_steps = 4, 16, 2
+  refine.checkpoint_every = refine.log_every = 4
   evaluation = config.eval
   evaluation.num_samples, evaluation.batch_size, evaluation.classifier_steps = 64, 32, 60
   # an adaptive row at a loose tolerance keeps the smoke test short
@@ -59,6 +62,9 @@ def test_the_table_is_sane(finished):
     assert 0.0 <= row["class_accuracy"] <= 1.0
     assert row["nn_train_median"] > 0 and 0.0 <= row["near_copies"] <= 1.0
   assert adaptive["adaptive"] and adaptive["nfe"] > 6  # the mean NFE the solves made
+  if config.refine.in_pipeline:  # the refine stage ran: its export and its row
+    refined = rows[("DSNO refined", "one step", 1)]
+    assert np.isfinite(refined["metric"]) and 0.0 <= refined["near_copies"] <= 1.0
   assert result["num_samples"] == config.eval.num_samples
 
 
@@ -67,4 +73,4 @@ def test_a_second_run_skips_every_stage(finished, capsys):
   again = modes.pipeline(config, workdir)
   assert again == result
   out = capsys.readouterr().out
-  assert out.count("skipped") == 7, out
+  assert out.count("skipped") == 8, out

@@ -12,6 +12,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dsno_jax import storage
+
 IMAGE_SIZES = (8, 16, 32)
 NUM_CLASSES = 10
 NUM_TEST = 360
@@ -86,12 +88,20 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 def prepare(data_dir: str, image_size: int, file_format: str = "tfrecord") -> Digits:
   """The digits builder at `image_size`, built into data_dir first if it is not there yet.
 
-  file_format ("tfrecord" | "array_record") applies only when it builds.
+  file_format ("tfrecord" | "array_record") applies only when it builds. A remote data_dir
+  (`gs://`) is built in its local cache (`storage.cache_path`) instead: the data derive,
+  deterministically, from scikit-learn's copy, and TFDS's writers cannot all reach a bucket.
   """
+  data_dir = storage.cache_path(data_dir)
   if image_size not in IMAGE_SIZES:
     raise ValueError(f"data.image_size={image_size} for the digits; expected one of {IMAGE_SIZES}")
   builder = Digits(config=f"{image_size}x{image_size}", data_dir=os.path.abspath(data_dir))
   if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_dir=os.path.join(os.path.abspath(data_dir), "downloads"), file_format=file_format)
+    try:
+      builder.download_and_prepare(download_dir=os.path.join(os.path.abspath(data_dir),
+                                                             "downloads"), file_format=file_format)
+    except FileExistsError:  # another process of this machine (a host of the run) built it first
+      builder = Digits(config=f"{image_size}x{image_size}", data_dir=os.path.abspath(data_dir))
+      if not builder.is_prepared():
+        raise
   return builder

@@ -12,6 +12,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
+from dsno_jax import storage
 from dsno_jax.data import loader
 from dsno_jax.workdir import Workdir
 
@@ -106,11 +107,11 @@ def _match_channels(images: np.ndarray, channels: int, name: str) -> np.ndarray:
 def _folder_source(config, split: str) -> InMemorySource:
   import tensorflow_datasets as tfds
   root = config.data.data_dir
-  if not root or not os.path.isdir(os.path.join(root, split)):
+  if not root or not storage.isdir(storage.join(root, split)):
     raise FileNotFoundError(
         f"data.name='folder' needs data.data_dir=ROOT with images in ROOT/{split}/LABEL/*.png "
         f"(or .jpg); {os.path.join(root or '<unset>', split)} is not a directory")
-  builder = tfds.folder_dataset.ImageFolder(root, shape=(None, None, config.data.channels))
+  builder = tfds.folder_dataset.ImageFolder(storage.local_copy(root), shape=(None, None, config.data.channels))
   labels_found = builder.info.features["label"].num_classes
   classes = config.data.num_classes
   if classes > 1 and labels_found != classes:
@@ -139,6 +140,12 @@ def load_source(config, workdir: str, split: Optional[str] = None):
   else:
     try:
       builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+      if storage.is_remote(data_dir) and builder.is_prepared():
+        # ArrayRecord reads only local files, and TensorFlow's GCS client reaches no
+        # emulator: the prepared version is read from its local copy
+        storage.local_copy(builder.data_dir)
+        data_dir = storage.cache_path(data_dir)
+        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     except Exception as e:  # unknown names raise TFDS's own DatasetNotFoundError
       raise ValueError(f"data.name={name!r} is not a TFDS data set ({e}); expected 'digits', "
                        "'folder' or a TFDS name such as 'cifar10'") from e

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import example_serializer
 
-from dsno_jax import diffusion
+from dsno_jax import diffusion, storage
 from dsno_jax.data import loader
 
 DATASET_NAME = "trajectories"
@@ -100,14 +100,18 @@ def _normalise(plan: Dict) -> Dict:
 
 
 def read_plan(directory: str) -> Optional[Dict]:
-  path = os.path.join(directory, PLAN_FILE)
-  if not os.path.isfile(path):
+  path = storage.join(directory, PLAN_FILE)
+  if not storage.isfile(path):
     return None
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is corrupt ({e}); delete {directory} to regenerate") from None
+  try:
+    return json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is corrupt ({e}); delete {directory} to regenerate") from None
+
+
+# What generation costs rather than what it writes: a dataset begun by a version that spent
+# more evaluations on the same targets may be finished by this one.
+_COST_KEYS = ("nfe", "target_nfe")
 
 
 def prepare(directory: str, plan: Dict, *, write: bool = True) -> bool:
@@ -120,18 +124,16 @@ def prepare(directory: str, plan: Dict, *, write: bool = True) -> bool:
   plan = _normalise(plan)
   existing = read_plan(directory)
   if existing is None:
-    if os.path.isdir(directory) and any(not n.startswith(_TMP_PREFIX)
-                                        for n in os.listdir(directory)):
+    # hidden names: this module's unfinished files and storage.write_text's temporary ones
+    if storage.isdir(directory) and any(not n.startswith(".")
+                                        for n in storage.listdir(directory)):
       raise ValueError(f"{directory} is not empty and holds no {PLAN_FILE}; refusing to write "
                        "trajectories into it (set config.trajectory.dir to an empty directory)")
     if write:
-      os.makedirs(directory, exist_ok=True)
-      tmp = os.path.join(directory, _TMP_PREFIX + PLAN_FILE)
-      with open(tmp, "w") as f:
-        json.dump(plan, f, indent=1)
-      os.replace(tmp, os.path.join(directory, PLAN_FILE))
+      storage.write_text(storage.join(directory, PLAN_FILE), json.dumps(plan, indent=1))
     return False
-  differ = {k: (existing.get(k), v) for k, v in plan.items() if existing.get(k) != v}
+  differ = {k: (existing.get(k), v) for k, v in plan.items()
+            if existing.get(k) != v and k not in _COST_KEYS}
   differ.update({k: (v, None) for k, v in existing.items() if k not in plan})
   if differ:
     lines = "".join(f"\n  {k}: on disk {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
@@ -141,13 +143,14 @@ def prepare(directory: str, plan: Dict, *, write: bool = True) -> bool:
 
 
 def is_complete(directory: str) -> bool:
-  return os.path.isfile(os.path.join(directory, _COMPLETE_FILE))
+  return storage.isfile(storage.join(directory, _COMPLETE_FILE))
 
 
 def existing_shards(directory: str, plan: Dict) -> Set[int]:
-  """Shards whose file is complete (a shard file only appears, by rename, once written)."""
+  """Shards whose file is complete (a shard file appears, by rename or upload, once written)."""
   total = num_shards(plan["num_examples"], plan["shard_size"])
-  return {s for s in range(total) if os.path.isfile(shard_path(directory, s, total))}
+  names = set(storage.listdir(directory)) if storage.isdir(directory) else set()
+  return {s for s in range(total) if os.path.basename(shard_path(directory, s, total)) in names}
 
 
 def write_shard(directory: str, plan: Dict, shard: int, examples: Dict[str, np.ndarray]) -> str:
@@ -155,7 +158,9 @@ def write_shard(directory: str, plan: Dict, shard: int, examples: Dict[str, np.n
 
   The noise is stored whole or as its check values, as the plan says.
 
-  Written to a temporary name, synced and renamed, so the shard file exists only complete.
+  Written to a temporary name, synced and renamed, so the shard file exists only complete;
+  ArrayRecord writes only local files, so a remote shard is written in the local cache and
+  uploaded as one object.
   """
   total = num_shards(plan["num_examples"], plan["shard_size"])
   expected = np.asarray(shard_range(shard, plan["num_examples"], plan["shard_size"]))
@@ -167,7 +172,9 @@ def write_shard(directory: str, plan: Dict, shard: int, examples: Dict[str, np.n
   serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
   targets_dtype = TARGETS_DTYPES[plan["targets_dtype"]]
   path = shard_path(directory, shard, total)
-  tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.path.basename(path)}")
+  local_directory = storage.cache_path(directory)
+  os.makedirs(local_directory, exist_ok=True)
+  tmp = os.path.join(local_directory, f"{_TMP_PREFIX}{os.path.basename(path)}")
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")  # random access
   noise = np.asarray(examples["noise"], np.float32)
   checks = noise_check(noise)
@@ -182,6 +189,10 @@ def write_shard(directory: str, plan: Dict, shard: int, examples: Dict[str, np.n
       writer.write(serializer.serialize_example(feats.encode_example(example)))
   finally:
     writer.close()
+  if storage.is_remote(path):
+    storage.upload(tmp, path)
+    os.remove(tmp)
+    return path
   with open(tmp, "rb") as f:
     os.fsync(f.fileno())
   os.replace(tmp, path)
@@ -197,20 +208,20 @@ def finalize(directory: str, plan: Dict):
     raise ValueError(f"{directory}: shards {missing} of {total} are missing; run "
                      "--mode=generate again to finish them")
   lengths = [len(shard_range(s, plan["num_examples"], plan["shard_size"])) for s in range(total)]
-  num_bytes = sum(os.path.getsize(shard_path(directory, s, total)) for s in range(total))
+  num_bytes = sum(storage.getsize(shard_path(directory, s, total)) for s in range(total))
   split = tfds.core.SplitInfo(name=SPLIT, shard_lengths=lengths, num_bytes=num_bytes,
                               filename_template=_template(directory))
   tfds.folder_dataset.write_metadata(
       data_dir=directory, features=features(plan), split_infos=[split], check_data=False,
       description="DSNO teacher trajectories: noise z_1, x-hat at the save times, label, index.",
       metadata=tfds.core.MetadataDict(plan))
-  for name in os.listdir(directory):
+  for name in storage.listdir(directory):
     if name.startswith(_TMP_PREFIX):
-      os.remove(os.path.join(directory, name))
+      storage.remove(storage.join(directory, name))
 
 
 def _require_complete(directory: str):
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise FileNotFoundError(f"no trajectory dataset at {directory}; run --mode=generate first")
   if not is_complete(directory):
     plan = read_plan(directory)
@@ -258,7 +269,8 @@ def check_noise(directory: str, metadata: Dict, num_checks: int = 8) -> None:
 
 def _open_source(directory: str):
   _require_complete(directory)
-  return tfds.builder_from_directory(directory).as_data_source(split=SPLIT)
+  # ArrayRecord reads only local files: a remote dataset is read from its cached copy
+  return tfds.builder_from_directory(storage.local_copy(directory)).as_data_source(split=SPLIT)
 
 
 def _shard_of(directory: str, metadata: Dict, index: int) -> str:
@@ -269,7 +281,7 @@ def _shard_of(directory: str, metadata: Dict, index: int) -> str:
 def _damaged(directory: str, path: str, error: Exception) -> ValueError:
   return ValueError(
       f"trajectory shard {path} is damaged ({type(error).__name__}: {error}); delete that file "
-      f"and {os.path.join(directory, _COMPLETE_FILE)}, then run --mode=generate again with the "
+      f"and {storage.join(directory, _COMPLETE_FILE)}, then run --mode=generate again with the "
       "same config: it rewrites only the missing shard")
 
 
@@ -278,17 +290,19 @@ def record_source(directory: str, metadata: Dict):
   import grain.python as grain_python
   total = num_shards(metadata["num_examples"], metadata["shard_size"])
   paths = [shard_path(directory, s, total) for s in range(total)]
+  copy = storage.local_copy(directory)  # ArrayRecord reads only local files
+  local = [shard_path(copy, s, total) for s in range(total)]
   for shard, path in enumerate(paths):
     want = len(shard_range(shard, metadata["num_examples"], metadata["shard_size"]))
     try:
-      reader = array_record_module.ArrayRecordReader(path)
+      reader = array_record_module.ArrayRecordReader(local[shard])
       count = reader.num_records()
       reader.close()
     except Exception as e:  # array_record raises several types for missing or broken files
       raise _damaged(directory, path, e) from None
     if count != want:
       raise _damaged(directory, path, ValueError(f"{count} records, expected {want}"))
-  return grain_python.ArrayRecordDataSource(paths)
+  return grain_python.ArrayRecordDataSource(local)
 
 
 def decoder(directory: str, metadata: Dict):

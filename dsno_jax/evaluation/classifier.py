@@ -7,7 +7,6 @@ layer's width fixes that resolution, and inputs of any other size are refused.
 Images are (N, H, W, C) floats in [-1, 1], the project's data range.
 """
 import functools
-import os
 from typing import Tuple
 
 from absl import logging
@@ -207,7 +206,7 @@ def _to_unit_range(images: np.ndarray) -> np.ndarray:
 def ensure_classifier(config, workdir: str):
   """The FD-digits classifier of WORKDIR/classifier, trained on the digits train split if absent."""
   path = Workdir(workdir).classifier
-  if os.path.isdir(path):
+  if model_io.is_export(path):
     params, _ = load_classifier(path)
     return params
   train = images_lib.load_source(config, workdir, config.data.train_split)
@@ -216,8 +215,7 @@ def ensure_classifier(config, workdir: str):
                             steps=config.eval.classifier_steps)
   logging.info("digits classifier: test accuracy %.3f",
                accuracy(params, _to_unit_range(test.images), test.labels))
-  if jax.process_index() == 0:
-    save_classifier(path, params, config.data.image_size)
+  save_classifier(path, params, config.data.image_size)  # every process: orbax saves together
   return params
 
 
@@ -227,3 +225,10 @@ def uint8_feature_fns(params):
   logits = jax.jit(lambda x: classifier_logits(params, x))
   return (lambda u8: np.asarray(features(_to_unit_range(u8))),
           lambda u8: np.asarray(logits(_to_unit_range(u8))))
+
+
+def uint8_outputs(params, images_u8) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """(features (N, 128), logits (N, 10)) of uint8 images (N, H, W, C) in one pass; traceable,
+  for running over a mesh (`parallel.jit_rowwise`)."""
+  _check_images(images_u8, params)
+  return DigitsClassifier().apply({"params": params}, images_u8.astype(jnp.float32) / 127.5 - 1.0)

@@ -1,7 +1,6 @@
-"""Mode `evaluate`: FID (FD-digits on the digits) of DSNO at 1 NFE against the teacher's solvers,
-with a memorisation check; the table, plots and TensorBoard scalars."""
+"""Mode `evaluate`: FID (FD-digits on the digits) of DSNO (and the refined DSNO) at 1 NFE against
+the teacher's solvers, with a memorisation check; the table, plots and TensorBoard scalars."""
 import json
-import os
 import re
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsno_jax import export, ode, parallel, pictures
+from dsno_jax import export, ode, parallel, pictures, storage
 from dsno_jax.data import images as images_lib
 from dsno_jax.evaluation import classifier as classifier_lib
 from dsno_jax.evaluation import fid as fid_lib
@@ -18,66 +17,101 @@ from dsno_jax.evaluation import sampling
 from dsno_jax.teachers import loading
 from dsno_jax.workdir import Workdir
 
-FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, C) -> (N, D)
 CLOSEST_PAIRS = 8  # pairs shown in memorization.png
 NEAR_COPY_PERCENTILE = 1.0  # a sample nearer to the train split than this % of test images is
 
 
-def feature_function(config, workdir: str) -> Tuple[str, FeatureFn, Optional[Callable]]:
-  """(metric name, features of uint8 images, class logits or None) for config.data."""
+class MeshFeatures:
+  """The metric's network (Inception pool3 or the digits classifier) over every device of every
+  host: each process feeds its own rows, they form one global batch split over the mesh, and
+  each process gets back the outputs of its rows."""
+
+  def __init__(self, name: str, apply: Callable, params, mesh, batch_size: int):
+    """apply(params, uint8 images (B, H, W, C)) -> (features (B, D), logits (B, K) or None)."""
+    parallel.check_batch_size(batch_size, mesh)
+    self.name, self.mesh, self.batch_size = name, mesh, batch_size
+    self.params = jax.device_put(params, parallel.replicated(mesh))
+    # One jitted function serves the whole evaluation: it compiles once per image shape.
+    self._apply = parallel.jit_rowwise(apply, mesh)
+
+  def local(self, fetch: Callable[[np.ndarray], np.ndarray], num_local: int, what: str,
+            keep: bool = True) -> Tuple[fid_lib.FID, Optional[np.ndarray], Optional[np.ndarray]]:
+    """(FID statistics, features (n, D) if `keep`, logits (n, K) or None) of this process's rows
+    0..n-1 (n = num_local); fetch(positions (m,)) -> their uint8 images (m, H, W, C).
+
+    The statistics (float64, on the host) cover this process's rows alone: merge them with
+    `fid.merge_across_processes`. Every process must call this alike (see
+    `parallel.map_local_rows`).
+    """
+    progress = sampling.Progress(what, num_local)
+    metric, features, logits = fid_lib.FID.empty(), [], []
+    for _, (batch_features, batch_logits) in parallel.map_local_rows(
+        self._apply, self.params, fetch, num_local, self.batch_size, self.mesh):
+      metric = metric.merge(fid_lib.FID.from_model_output(batch_features))
+      if keep:
+        features.append(batch_features)
+      if batch_logits is not None:
+        logits.append(batch_logits)
+      progress.update(len(batch_features))
+    return (metric, np.concatenate(features) if keep else None,
+            np.concatenate(logits) if logits else None)
+
+
+def feature_function(config, workdir: str, mesh) -> MeshFeatures:
+  """The metric's network for config.data over `mesh`: the digits classifier (FD-digits, with
+  class logits) or Inception pool3 (FID)."""
   if config.data.name == "digits":
-    features, logits = classifier_lib.uint8_feature_fns(
-        classifier_lib.ensure_classifier(config, workdir))
-    return "FD-digits", features, logits
+    return MeshFeatures("FD-digits", classifier_lib.uint8_outputs,
+                        classifier_lib.ensure_classifier(config, workdir), mesh,
+                        config.eval.batch_size)
   from dsno_jax.evaluation import inception
   params = inception.load_params(config.eval.inception_weights or None)
-  return "FID", inception.pool3_feature_fn(params, value_range=(0.0, 255.0)), None
+  return MeshFeatures("FID", lambda p, images: (inception.inception_features(p, images), None),
+                      params, mesh, config.eval.batch_size)
 
 
-def _batches(images: np.ndarray, size: int):
-  for i in range(0, len(images), size):
-    yield images[i:i + size]
-
-
-def split_features(config, workdir: str, split: str, feature_fn: FeatureFn, what: str,
+def split_features(config, workdir: str, split: str, features: MeshFeatures, what: str,
                    share: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-  """(features (N, D), labels (N,)) of a data split, with progress; with `share`, only this
-  process's share of the split (for statistics that are merged across processes)."""
+  """(features (N, D), labels (N,)) of a data split, with progress, on every host; with `share`,
+  only this process's share of the split. Each process computes its share over the mesh."""
   source = images_lib.load_source(config, workdir, split)
-  indices = np.arange(len(source))
-  if share:
-    indices = np.array_split(indices, jax.process_count())[jax.process_index()]
-  progress = sampling.Progress(what, len(indices))
-  features, labels = [], []
-  for chunk in _batches(indices, config.eval.batch_size):
-    images, chunk_labels = source.get(chunk)
-    features.append(np.asarray(feature_fn(images)))
+  rows = parallel.process_share(len(source))
+  labels = []
+
+  def fetch(positions):
+    images, chunk_labels = source.get(rows[positions])
     labels.append(np.asarray(chunk_labels))
-    progress.update(len(chunk))
-  return np.concatenate(features), np.concatenate(labels)
+    return images
+
+  _, local, _ = features.local(fetch, len(rows), what)
+  labels = np.concatenate(labels)
+  if share:
+    return local, labels
+  return parallel.gather_shares(local, len(source)), parallel.gather_shares(labels, len(source))
 
 
-def reference_statistics(config, workdir: str, metric_name: str, feature_fn: FeatureFn,
+def reference_statistics(config, workdir: str, metric_name: str, features: MeshFeatures,
                          train_features: Optional[np.ndarray] = None):
   """(mu, sigma): config.eval.reference_stats, else the train split's, cached in WORKDIR/eval.
 
-  Each process computes the statistics of its share of the split; the shares are merged.
-  `train_features` (the whole split's, already computed) saves the pass over the split.
+  Each process computes the statistics of its share of the split over the mesh; the shares are
+  merged. `train_features` (the whole split's, already computed) saves the pass over the split.
   """
   if config.eval.reference_stats:
     return fid_lib.load_reference_statistics(config.eval.reference_stats)
   cache = Workdir(workdir).reference_statistics(
       f"{config.data.name.replace('/', '_')}_{config.data.image_size}_{metric_name}")
-  if os.path.isfile(cache):
+  if storage.isfile(cache):
     return fid_lib.load_reference_statistics(cache)
   if train_features is not None:
     mu, sigma = fid_lib.FID.from_model_output(train_features).statistics()
   else:
-    features, _ = split_features(config, workdir, config.data.train_split, feature_fn,
-                                 f"reference statistics ({config.data.train_split} split)",
-                                 share=True)
-    metric = fid_lib.merge_across_processes(fid_lib.FID.from_model_output(features))
-    mu, sigma = metric.statistics()
+    source = images_lib.load_source(config, workdir, config.data.train_split)
+    rows = parallel.process_share(len(source))
+    metric, _, _ = features.local(lambda positions: source.get(rows[positions])[0], len(rows),
+                                  f"reference statistics ({config.data.train_split} split)",
+                                  keep=False)
+    mu, sigma = fid_lib.merge_across_processes(metric).statistics()
   if jax.process_index() == 0:
     fid_lib.save_reference_statistics(cache, mu, sigma)
   return mu, sigma
@@ -122,26 +156,28 @@ class Memorization:
     return self.columns(distances), distances, indices
 
 
-def score(images_u8, labels, feature_fn, logits_fn, reference, batch_size,
+def score(images_u8, labels, features: MeshFeatures, reference,
           memorization: Optional[Memorization] = None, what: str = "samples"):
   """(row: the metric against the reference, class accuracy when a classifier is at hand, the
-  memorisation columns; nearest-train distances and indices, or None without memorisation)."""
-  progress = sampling.Progress(f"{what} features", len(images_u8))
-  features, logits = [], []
-  for images in _batches(images_u8, batch_size):
-    features.append(np.asarray(feature_fn(images)))
-    if logits_fn is not None and labels is not None:
-      logits.append(np.asarray(logits_fn(images)))
-    progress.update(len(images))
-  features = np.concatenate(features)
-  metric = fid_lib.FID.from_model_output(features)
+  memorisation columns; nearest-train distances and indices, or None without memorisation).
+
+  images_u8 (N, H, W, C) and labels (N,) are the same on every host; each process computes the
+  features of its share over the mesh, and the statistics are merged across processes. Only
+  the memorisation check gathers the features themselves to every host.
+  """
+  rows = parallel.process_share(len(images_u8))
+  metric, local, logits = features.local(lambda positions: images_u8[rows[positions]], len(rows),
+                                         f"{what} features", keep=memorization is not None)
+  metric = fid_lib.merge_across_processes(metric)
   row = {"metric": float(fid_lib.FID.with_reference(*reference).compute(metric))}
-  if logits:
-    predicted = np.argmax(np.concatenate(logits), -1)
-    row["class_accuracy"] = float(np.mean(predicted == np.asarray(labels)))
+  if logits is not None and labels is not None:
+    correct = np.sum(np.argmax(logits, -1) == np.asarray(labels)[rows])
+    row["class_accuracy"] = float(parallel.all_processes(np.int32(correct)).sum()
+                                  / len(images_u8))
   nearest = None
   if memorization is not None:
-    columns, distances, indices = memorization.measure(features)
+    columns, distances, indices = memorization.measure(
+        parallel.gather_shares(local, len(images_u8)))
     row.update(columns)
     nearest = (distances, indices)
   return row, nearest
@@ -187,9 +223,9 @@ def _tensorboard_name(metric: str, row: Dict) -> str:
 def write_tensorboard(workdir: str, metric: str, rows: List[Dict]) -> None:
   """Each row's metric and class accuracy as clu scalars under WORKDIR/logs/eval, at step = its
   NFE (rounded for adaptive rows), so each solver draws its metric-versus-NFE curve."""
-  from clu import metric_writers
-  writer = metric_writers.create_default_writer(Workdir(workdir).logs("eval"),
-                                                just_logging=jax.process_index() > 0)
+  from dsno_jax.training import reporting
+  writer = reporting.tensorboard_writer(Workdir(workdir).logs("eval"),
+                                        just_logging=jax.process_index() > 0)
   for row in rows:
     name = _tensorboard_name(metric, row)
     step = int(round(row["nfe"]))
@@ -211,27 +247,28 @@ def evaluate(config, workdir: str) -> Dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval.batch_size, mesh)
   teacher_rows = parse_teacher_rows(config.eval.teacher_rows)
-  name, feature_fn, logits_fn = feature_function(config, workdir)
+  features = feature_function(config, workdir, mesh)
+  name = features.name
   batch = config.eval.batch_size
   conditional = config.data.num_classes > 1
   memorization = train_images = None
   if config.eval.memorization:
-    train_features, _ = split_features(config, workdir, config.data.train_split, feature_fn,
+    train_features, _ = split_features(config, workdir, config.data.train_split, features,
                                        f"memorisation: {config.data.train_split} features")
     test_features, test_labels = split_features(
-        config, workdir, config.data.eval_split, feature_fn,
+        config, workdir, config.data.eval_split, features,
         f"memorisation: {config.data.eval_split} features")
     memorization = Memorization(train_features, test_features)
     train_images = images_lib.load_source(config, workdir, config.data.train_split)
-  reference = reference_statistics(config, workdir, name, feature_fn,
+  reference = reference_statistics(config, workdir, name, features,
                                    train_features if memorization else None)
   rows: List[Dict] = []
 
   if config.data.name == "digits":  # the data itself: held-out test split against train
     test = images_lib.load_source(config, workdir, config.data.eval_split)
     test_images, test_labels = test.get(np.arange(len(test)))
-    row, _ = score(test_images, test_labels, feature_fn, logits_fn, reference, batch,
-                   memorization, what=f"{config.data.eval_split} images")
+    row, _ = score(test_images, test_labels, features, reference, memorization,
+                   what=f"{config.data.eval_split} images")
     rows.append({"model": "data (test vs train)", "solver": "-", "nfe": 0, **row})
 
   params, exported = export.load_student(workdir)
@@ -239,13 +276,23 @@ def evaluate(config, workdir: str) -> Dict:
   _, labels, outputs = sampling.draw_samples(exported, params, config.eval.num_samples, batch,
                                              mesh)
   student_images = pictures.to_uint8(outputs[:, -1])
-  student, student_nearest = score(student_images, labels if conditional else None, feature_fn,
-                                   logits_fn, reference, batch, memorization, what="DSNO")
+  student, student_nearest = score(student_images, labels if conditional else None, features,
+                                   reference, memorization, what="DSNO")
   rows.append({"model": "DSNO", "solver": "one step", "nfe": 1, **student})
   logging.info("DSNO one step: %s %.4g", name, student["metric"])
 
   curves: Dict[str, Dict[float, float]] = {}
   points = {"DSNO (1 NFE)": (1.0, student["metric"])}
+  if storage.isdir(Workdir(workdir).refined_export):  # --mode=refine ran: its t=0 output
+    params, exported = export.load_student(workdir, refined=True)
+    exported.seed = config.seed
+    _, labels, outputs = sampling.draw_samples(exported, params, config.eval.num_samples, batch,
+                                               mesh)
+    refined, _ = score(pictures.to_uint8(outputs[:, -1]), labels if conditional else None,
+                       features, reference, memorization, what="DSNO refined")
+    rows.append({"model": "DSNO refined", "solver": "one step", "nfe": 1, **refined})
+    points["DSNO refined (1 NFE)"] = (1.0, refined["metric"])
+    logging.info("DSNO refined one step: %s %.4g", name, refined["metric"])
   identity = None
   if teacher_rows:
     denoise, identity = loading.load_teacher(config, workdir)
@@ -256,8 +303,8 @@ def evaluate(config, workdir: str) -> Dict:
           config, denoise, solver, mesh, nfe=1 if adaptive else int(value),
           tolerance=value if adaptive else 1e-4)
       label = f"{solver} (tol {value:g})" if adaptive else solver
-      row, _ = score(images, labels if conditional else None, feature_fn, logits_fn,
-                     reference, batch, memorization, what=f"teacher {label}")
+      row, _ = score(images, labels if conditional else None, features, reference,
+                     memorization, what=f"teacher {label}")
       rows.append({"model": "teacher", "solver": label, "nfe": mean_nfe, "adaptive": adaptive,
                    **row})
       if adaptive:
@@ -276,13 +323,10 @@ def evaluate(config, workdir: str) -> Dict:
         "near_copy_percentile_of_test": NEAR_COPY_PERCENTILE}
   run = Workdir(workdir)
   if jax.process_index() == 0:
-    os.makedirs(run.eval, exist_ok=True)
-    with open(run.results, "w") as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(run.eval, "results.md"), "w") as f:
-      f.write(table + "\n")
+    storage.write_text(run.results, json.dumps(result, indent=1))
+    storage.write_text(storage.join(run.eval, "results.md"), table + "\n")
     pictures.plot_metric_vs_nfe(
-        curves, os.path.join(run.eval, "fid_vs_nfe.png"), metric=name, points=points,
+        curves, storage.join(run.eval, "fid_vs_nfe.png"), metric=name, points=points,
         title=f"{name}, {config.eval.num_samples} samples")
     if memorization is not None:
       distances, indices = student_nearest
@@ -292,7 +336,7 @@ def evaluate(config, workdir: str) -> Dict:
           {"DSNO samples": distances, f"{config.data.eval_split} images (held out)":
            memorization.test_distances},
           np.stack([student_images[closest], nearest_images], axis=1), distances[closest],
-          os.path.join(run.eval, "memorization.png"), feature_name=f"{name} features",
+          storage.join(run.eval, "memorization.png"), feature_name=f"{name} features",
           title="Does DSNO copy its training images?")
     write_tensorboard(workdir, name, rows)
   return result

@@ -17,7 +17,7 @@ Under `jax.jit` with a batch sharded over a mesh, `from_model_output` of the glo
 already sums over every device; under `pmap`, use clu's `gather_from_model_output`; across
 hosts, `merge_across_processes`.
 """
-import os
+import io
 import re
 import zipfile
 from typing import Any, Callable, Iterable, Optional, Tuple
@@ -27,6 +27,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dsno_jax import storage
 
 Array = Any
 
@@ -186,12 +188,12 @@ def check_statistics(mu, sigma, source: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def load_reference_statistics(path: str) -> Tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) from an .npz with `mu` and `sigma` (EDM's and ADM's reference files)."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"FID reference statistics {path} do not exist; expected an .npz "
                             "with 'mu' (D,) and 'sigma' (D, D), as published with EDM/ADM")
   expected = "an .npz with 'mu' (D,) and 'sigma' (D, D)"
   try:
-    npz = np.load(path, allow_pickle=False)
+    npz = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
   except (OSError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path} is not a readable .npz ({e}); expected {expected}") from e
   if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -210,10 +212,9 @@ def load_reference_statistics(path: str) -> Tuple[np.ndarray, np.ndarray]:
 def save_reference_statistics(path: str, mu, sigma) -> str:
   """Writes (mu, sigma) to `path` (.npz), via a temporary file so a cache is never half-written."""
   mu, sigma = check_statistics(mu, sigma, source="statistics to save")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}.npz"
-  np.savez(tmp, mu=mu, sigma=sigma)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, mu=mu, sigma=sigma)
+  storage.write_bytes(path, buffer.getvalue())
   return path
 
 
@@ -269,8 +270,8 @@ def tfds_reference_statistics(feature_fn: Callable[[np.ndarray], Array], dataset
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(dataset, data_dir=data_dir) if isinstance(dataset, str) else dataset
-  path = os.path.join(cache_dir, _cache_name(builder.info.full_name, split, feature_name))
-  if os.path.isfile(path):
+  path = storage.join(cache_dir, _cache_name(builder.info.full_name, split, feature_name))
+  if storage.isfile(path):
     return load_reference_statistics(path)
   try:
     ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)

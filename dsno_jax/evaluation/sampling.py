@@ -1,8 +1,8 @@
 """Sampling for evaluation: DSNO's one step (K outputs, the last is the sample), and the teacher's
 ODE solvers from the same noise, both logged with progress and an ETA."""
+import io
 import functools
 import json
-import os
 import time
 from typing import Callable, Tuple
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from dsno_jax import diffusion, export, models, ode, parallel, pictures
+from dsno_jax import diffusion, export, models, ode, parallel, pictures, storage
 from dsno_jax.data import noise as noise_lib
 from dsno_jax.workdir import Workdir
 
@@ -148,13 +148,13 @@ def teacher_samples(config, denoise, solver: str, mesh, *, nfe: int = 1, toleran
 def write_png_folder(directory: str, images_u8: np.ndarray, labels=None) -> str:
   """One PNG per image (000000.png, ...), plus EDM's dataset.json {"labels": [[name, label]]}
   when labels are given: the folder layout EDM's fid.py and dataset tool read."""
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   names = [f"{i:06d}.png" for i in range(len(images_u8))]
   for name, image in zip(names, images_u8):
-    pictures.save_png(image, os.path.join(directory, name))
+    pictures.save_png(image, storage.join(directory, name))
   if labels is not None:
-    with open(os.path.join(directory, "dataset.json"), "w") as f:
-      json.dump({"labels": [[n, int(y)] for n, y in zip(names, labels)]}, f)
+    storage.write_text(storage.join(directory, "dataset.json"),
+                       json.dumps({"labels": [[n, int(y)] for n, y in zip(names, labels)]}))
   return directory
 
 
@@ -175,17 +175,18 @@ def sample(config, workdir: str) -> str:
   images = pictures.to_uint8(outputs[:, -1])
   conditional = exported.data.num_classes > 1
   if jax.process_index() == 0:
-    os.makedirs(run.samples, exist_ok=True)
-    np.savez(run.samples_npz, *((images, labels) if conditional else (images,)))
+    buffer = io.BytesIO()
+    np.savez(buffer, *((images, labels) if conditional else (images,)))
+    storage.write_bytes(run.samples_npz, buffer.getvalue())
     if config.eval.save_png:
-      write_png_folder(os.path.join(run.samples, PNG_FOLDER), images,
+      write_png_folder(storage.join(run.samples, PNG_FOLDER), images,
                        labels if conditional else None)
     scale = max(1, 64 // exported.data.image_size)
     pictures.save_png(pictures.image_grid(outputs[:100, -1]),
-                      os.path.join(run.samples, "grid.png"), scale)
+                      storage.join(run.samples, "grid.png"), scale)
     save_times = tuple(exported.trajectory.save_times)
     pictures.plot_trajectories(noise[:8], outputs[:8], save_times,
-                               os.path.join(run.samples, "trajectories.png"),
+                               storage.join(run.samples, "trajectories.png"),
                                logsnrs=diffusion.save_logsnrs(exported),
                                title="DSNO: noise, then its K outputs from one evaluation")
   logging.info("wrote %d one-step samples to %s", config.eval.num_samples, run.samples_npz)

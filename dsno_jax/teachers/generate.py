@@ -33,11 +33,12 @@ def plan_from_config(config, teacher_identity: str) -> Dict:
       "logsnr_max": float(config.diffusion.logsnr_max),
       "solver": trajectory.solver, "grid": trajectory.grid,
       "num_steps": int(trajectory.num_steps),
-      # ODE evaluations per trajectory (None for adaptive solvers), plus K for the targets
+      # ODE evaluations per trajectory (None for adaptive solvers), and those the targets add:
+      # 0 for fixed-step solvers, whose steps evaluate the x-hats at the save times
       "nfe": ode.nfe(trajectory.solver, trajectory.num_steps, trajectory.grid,
                      tuple(trajectory.save_times), config.diffusion.logsnr_min,
                      config.diffusion.logsnr_max),
-      "target_nfe": ode.target_nfe(trajectory.save_times),
+      "target_nfe": ode.target_nfe(trajectory.solver, trajectory.save_times),
       "rtol": float(trajectory.rtol), "atol": float(trajectory.atol),
       "teacher": teacher_identity, "seed": int(config.seed),
       "targets_dtype": trajectory.targets_dtype,
@@ -173,6 +174,10 @@ def generate(config, workdir: str, *, devices=None) -> str:
                "%d rounds", plan["num_examples"], trajectories.num_shards(
                    plan["num_examples"], plan["shard_size"]), directory, len(chunks),
                local_batch, num_rounds)
+  if plan["nfe"] is not None:
+    logging.info("trajectories: %s on %d %s steps, %d denoiser evaluations per trajectory",
+                 plan["solver"], plan["num_steps"], plan["grid"],
+                 plan["nfe"] + plan["target_nfe"])
 
   solve = make_solve(config, mesh)
   denoise = jax.device_put(denoise, NamedSharding(mesh, PartitionSpec()))

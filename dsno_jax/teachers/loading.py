@@ -1,7 +1,6 @@
 """The configured teacher: a UNet (Progressive Distillation checkpoint or export) or a mixture."""
 import dataclasses
 import hashlib
-import os
 from typing import Any, Callable, Dict, Tuple
 
 from absl import logging
@@ -10,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dsno_jax import diffusion, models, trees
+from dsno_jax import diffusion, models, storage, trees
 from dsno_jax.models import build
 from dsno_jax.models import io as model_io
 from dsno_jax.teachers import exact
@@ -61,9 +60,9 @@ def load_teacher_params(config, workdir: str) -> Tuple[Dict, str]:
   _check_kind(config)
   if config.teacher.checkpoint:
     path = resolve(config.teacher.checkpoint)
-    if os.path.isdir(path):
+    if storage.isdir(path):
       params, source = _params_from_export(path, config), "dsno_jax_export"
-    elif os.path.isfile(path):
+    elif storage.isfile(path):
       params, source = _params_from_pd_msgpack(path, config), "pd_msgpack"
     else:
       raise FileNotFoundError(
@@ -75,7 +74,7 @@ def load_teacher_params(config, workdir: str) -> Tuple[Dict, str]:
                      "parameters; set teacher.kind='unet' or teacher.checkpoint")
   else:
     path = Workdir(workdir).teacher_export
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
       raise FileNotFoundError(
           f"no teacher: {path} does not exist. Run --mode=train_teacher first, or set "
           "config.teacher.checkpoint (PD msgpack or save_model export) or "
@@ -185,8 +184,7 @@ def _get_field(config, dotted: str):
 
 def _params_from_pd_msgpack(path: str, config) -> Dict:
   """The `ema_params` of a flax msgpack train state (never unpickles anything)."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = storage.read_bytes(path)
   expected = ("expected a Progressive Distillation checkpoint: a flax msgpack "
               "(flax.serialization.to_bytes) train state with 'ema_params'")
   try:

@@ -3,7 +3,6 @@ newest readable step (damaged ones moved aside), and config.json: the run's conf
 import datetime
 import json
 import logging as python_logging
-import os
 import re
 import sys
 import time
@@ -14,16 +13,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from dsno_jax import parallel, trees
+from dsno_jax import parallel, storage, trees
 from dsno_jax.workdir import Workdir
 
 _CONFIG_FILE = "config.json"
 # The config section that holds each role's training settings.
-SETTINGS_SECTIONS = {"teacher": "teacher.train", "student": "train"}
+SETTINGS_SECTIONS = {"teacher": "teacher.train", "student": "train", "refine": "refine"}
 # Config fields that may change when a run resumes: how long, how visibly and how fast it
 # trains, how the work is spread, where its inputs live. Every other field of the role's
 # sections gives the saved state its meaning and must match the checkpoints' config.json.
 RESUMABLE_FIELDS = ("profile", "distributed", "eval", "data.data_dir", "data.num_workers",
+                    "refine.in_pipeline",
                     "trajectory.dir", "model.remat", "model.time_conv_impl") + tuple(
     f"{section}.{name}" for section in SETTINGS_SECTIONS.values()
     for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -102,32 +102,31 @@ def _flatten(tree: Dict, prefix: str = "") -> Dict[str, Any]:
 
 def _read_record(directory: str) -> Optional[Dict]:
   """{"config": ..., "resumes": [...]} of config.json (a bare config from older runs), or None."""
-  path = os.path.join(directory, _CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.join(directory, _CONFIG_FILE)
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    try:
-      record = json.load(f)
-    except ValueError as e:
+  try:
+    record = json.loads(storage.read_text(path))
+  except ValueError as e:
       raise ValueError(f"{path} is corrupt ({e}); it records the config of the checkpoints "
-                       f"beside it: restore it, or move {directory} aside to start afresh"
-                       ) from None
+                     f"beside it: restore it, or move {directory} aside to start afresh"
+                     ) from None
   return record if "resumes" in record else {"config": record, "resumes": []}
 
 
 def _write_record(directory: str, record: Dict):
   if jax.process_index() != 0:
     return
-  path = os.path.join(directory, _CONFIG_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(path + ".tmp", path)  # never a half-written record
+  # never a half-written record
+  storage.write_text(storage.join(directory, _CONFIG_FILE), json.dumps(record, indent=1))
 
 
 def _describes(field: str, role: str) -> bool:
   """Whether `field` is part of what a `role` checkpoint means (the other role's training
   settings are not, nor, for the teacher, the trajectories)."""
-  foreign = ("train.", "trajectory.") if role == "teacher" else ("teacher.train.",)
+  foreign = {"teacher": ("train.", "trajectory.", "refine."),
+             "student": ("teacher.train.", "refine."),
+             "refine": ("teacher.train.", "train.")}[role]
   return not field.startswith(foreign)
 
 
@@ -316,7 +315,7 @@ def close(manager: ocp.CheckpointManager):
 def restore_ema_params(workdir: str, role: str, abstract_params, config=None, mesh=None):
   """(EMA params replicated on every device, step) of the newest checkpoint of `role`."""
   directory = Workdir(workdir).checkpoints(role)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise FileNotFoundError(f"no {role} checkpoints at {directory}; train first "
                             f"(--mode={'train' if role == 'student' else 'train_teacher'})")
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler(),

@@ -19,14 +19,17 @@ class Objective(NamedTuple):
   fresh_params(rng) -> params; traceable (its shapes define checkpoint compatibility).
   start_params(rng) -> params of a new run (may read a teacher from disk).
   sample_fn(params, rng) -> images (N, H, W, C) in [-1, 1], or None for no grids.
+  optimizer(settings) -> (optax transformation, learning-rate schedule); None: the paper's Adam
+  (state.make_optimizer).
   """
-  role: str  # "teacher" | "student"
-  settings: object  # config.teacher.train or config.train
+  role: str  # "teacher" | "student" | "refine"
+  settings: object  # config.teacher.train, config.train or config.refine
   loss_fn: Callable
   fresh_params: Callable
   start_params: Callable
   batch_keys: Tuple[str, ...]
   sample_fn: Optional[Callable] = None
+  optimizer: Optional[Callable] = None
 
 
 

@@ -3,14 +3,40 @@ import jax
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from dsno_jax import pictures
+from dsno_jax import pictures, storage
 from dsno_jax.workdir import Workdir
+
+
+class _UploadingWriter(metric_writers.MultiWriter):
+  """A writer of local event files that copies them to a remote log directory when flushed.
+
+  TensorFlow's summary writer reaches Cloud Storage through its own client, which cannot be
+  pointed at an emulator; writing locally and uploading works with both.
+  """
+
+  def __init__(self, local: str, remote: str):
+    super().__init__([metric_writers.create_default_writer(local)])
+    self._local, self._remote = local, remote
+
+  def flush(self):
+    super().flush()
+    storage.upload_tree(self._local, self._remote)
+
+  def close(self):
+    super().close()
+    storage.upload_tree(self._local, self._remote)
+
+
+def tensorboard_writer(logdir: str, just_logging: bool = False) -> metric_writers.MetricWriter:
+  """TensorBoard events in `logdir` (local or remote) plus console logging."""
+  if just_logging or not storage.is_remote(logdir):
+    return metric_writers.create_default_writer(logdir, just_logging=just_logging)
+  return _UploadingWriter(storage.cache_path(logdir), logdir)
 
 
 def make_writer(workdir: str, role: str) -> metric_writers.MetricWriter:
   """TensorBoard events under WORKDIR/logs/ROLE plus console logging (process 0 writes)."""
-  return metric_writers.create_default_writer(
-      Workdir(workdir).logs(role), just_logging=jax.process_index() > 0)
+  return tensorboard_writer(Workdir(workdir).logs(role), just_logging=jax.process_index() > 0)
 
 
 def progress(num_steps: int, writer) -> periodic_actions.ReportProgress:

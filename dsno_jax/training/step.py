@@ -98,7 +98,7 @@ def jit_run(config, objective: Objective, mesh: Mesh) -> JittedRun:
   """Shardings and jitted (not yet compiled) functions; checks the batch divides the mesh."""
   settings = objective.settings
   parallel.check_batch_size(settings.batch_size, mesh, settings.grad_accum)
-  tx, schedule = state_lib.make_optimizer(settings)
+  tx, schedule = (objective.optimizer or state_lib.make_optimizer)(settings)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   abstract = jax.eval_shape(
       lambda: state_lib.create(objective.fresh_params(init_rng), tx, train_rng))

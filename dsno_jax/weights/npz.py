@@ -1,13 +1,13 @@
 """The one writer and reader of converted weight files, so that every network's `.npz` has one
 layout: a float32 array per parameter under its '/'-joined path ("vgg/conv1_1/kernel")."""
 import hashlib
-import os
+import io
 import zipfile
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from dsno_jax import trees
+from dsno_jax import storage, trees
 
 Key = Union[str, Tuple[str, ...]]
 
@@ -27,7 +27,7 @@ def flat_paths(params) -> Dict[str, Any]:
 def sha256_of(path: str) -> str:
   """The hex SHA-256 of a file, read in blocks, to tell a published weight file from another."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -37,14 +37,9 @@ def save(path: str, params) -> None:
   """Writes `params` (a nested tree, or a flat dict keyed by path strings or tuples) as float32
   arrays under '/'-joined paths, through a renamed temporary file so no reader sees half a file."""
   flat = {p: np.asarray(v, np.float32) for p, v in flat_paths(params).items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-  tmp = path + ".tmp.npz"
-  try:
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def load(path: str, missing_message: Optional[str] = None) -> Dict[str, np.ndarray]:
@@ -53,12 +48,13 @@ def load(path: str, missing_message: Optional[str] = None) -> Dict[str, np.ndarr
   Raises FileNotFoundError (with `missing_message`, which should say how to make the file)
   when there is no file at `path`, and ValueError when the file is not an `.npz` of arrays.
   """
-  if not path or not os.path.isfile(path):
+  if not path or not storage.isfile(path):
     raise FileNotFoundError(missing_message or f"weight file {path!r} does not exist")
-  if not zipfile.is_zipfile(path):
+  data = io.BytesIO(storage.read_bytes(path))
+  if not zipfile.is_zipfile(data):
     raise ValueError(f"{path} is not an .npz of converted weights (not a zip archive)")
   try:
-    with np.load(path, allow_pickle=False) as archive:
+    with np.load(data, allow_pickle=False) as archive:
       return {name: archive[name] for name in archive.files}
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path} is not an .npz of converted weights ({e})") from None

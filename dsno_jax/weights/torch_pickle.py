@@ -12,7 +12,6 @@ needs, each mapped to a numpy rebuilder of our own; any other global is refused 
 """
 import collections
 import dataclasses
-import os
 import pickle
 import struct
 import zipfile
@@ -20,6 +19,8 @@ from typing import Any, Callable, Dict, Optional
 
 import jax
 import numpy as np
+
+from dsno_jax import storage as storage_lib  # `storage` names torch's tensor storages here
 
 _READ_CHUNK = 1 << 20  # bytes inflated at a time from a zip member
 # A state dict's pickle holds names, shapes and storage references (about 100 bytes a
@@ -321,8 +322,9 @@ def load_pth(path: str) -> Any:
   Raises FileNotFoundError for a missing file, `ForbiddenGlobalError` (a ValueError) for a
   pickle that names anything but the tensor-rebuilding globals, ValueError for other damage.
   """
-  if not os.path.isfile(path):
+  if not storage_lib.isfile(path):
     raise FileNotFoundError(f"PyTorch weight file {path} does not exist")
+  path = storage_lib.local_copy(path)  # zip and pickle readers seek: a remote file is copied
   try:
     obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
   except ValueError:
