@@ -85,7 +85,7 @@ def measure(name: str, remat: bool, batch: int, scratch: str) -> dict:
       lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
       run.abstract_state, run.state_shardings)
   start = time.perf_counter()
-  compiled = run.train_step.lower(state_shapes, batch_shapes).compile()
+  compiled = run.train_step.lower(state_shapes, batch_shapes, None).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   st, sh = run.abstract_state, run.state_shardings

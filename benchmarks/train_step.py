@@ -55,14 +55,14 @@ def worker(args):
       "targets": rng.uniform(-1, 1, (b, k, s, s, c)).astype(np.float32),
       "label": np.zeros((b,), np.int32)}, mesh)
   start = time.perf_counter()
-  step = run.train_step.lower(state, batch).compile()
+  step = run.train_step.lower(state, batch, None).compile()
   compile_s = time.perf_counter() - start
   memory = step.memory_analysis()
-  state, metrics = step(state, batch)  # warm-up
+  state, metrics = step(state, batch, None)  # warm-up
   jax.block_until_ready(state)
   start = time.perf_counter()
   for _ in range(args.steps):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, None)
   jax.block_until_ready(state)
   seconds = (time.perf_counter() - start) / args.steps
   params = jax.tree_util.tree_leaves(jax.device_get(state.params))

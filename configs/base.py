@@ -137,6 +137,16 @@ def get_config():
   # DSNO's trajectory loss (train.loss, train.time_weighting) on the trajectory dataset, kept as
   # a regulariser (DMD's regression term) times this weight; 0 = off
   refine.regression_weight = 0.0
+  # DMD2's GAN term on real images (Sec. 4.3), off by default: a classifier head on the fake
+  # denoiser's middle features tells noised real images (data.train_split) from noised samples.
+  # Its loss, times gan_discriminator_weight (dimensionless, relative to the fake denoiser's
+  # loss; DMD2's ImageNet-64 run: 1e-2), trains the head and the fake backbone at the fake
+  # denoiser's learning rate and time-scale; 0 = no GAN term at all (no head, no real images)
+  refine.gan_discriminator_weight = 0.0
+  # the generator's adversarial loss, times this (dimensionless, relative to its DMD loss;
+  # DMD2's ImageNet-64 run: 3e-3), joins its loss; needs gan_discriminator_weight > 0; 0 = off
+  refine.gan_weight = 0.0
+  refine.gan_loss = "non_saturating"  # "non_saturating" (DMD2's) | "hinge"
   refine.log_every = 50  # steps between metric writes
   refine.checkpoint_every = 200  # steps between checkpoints
   refine.keep_checkpoints = 2  # checkpoints kept

@@ -42,8 +42,7 @@ def export_refined(config, workdir: str) -> str:
   """
   from dsno_jax.training import refine
   parallel.initialize_distributed(config)
-  abstract = {refine.GENERATOR: models.param_shapes(models.init_student, config),
-              refine.FAKE: models.param_shapes(models.init_teacher, config)}
+  abstract = refine.param_shapes(config)
   mesh = parallel.make_mesh()
   params, step = checkpoints.restore_ema_params(workdir, "refine", abstract, config, mesh)
   path = model_io.save_model(Workdir(workdir).refined_export,

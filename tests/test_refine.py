@@ -1,6 +1,10 @@
 """Refinement (DMD): a zero gradient when fake equals teacher, a Gaussian reached exactly,
-8 devices equal 1, a stopped run resumes as if never stopped."""
+8 devices equal 1, a stopped run resumes as if never stopped, the teacher an argument of the
+step and never trained; the GAN term: its losses, a discriminator that learns, no effect at
+gan_weight=0."""
+import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +13,10 @@ import optax
 import pytest
 import training_helpers as helpers
 
-from dsno_jax import diffusion, models
-from dsno_jax.teachers import exact
+from dsno_jax import diffusion, models, parallel
+from dsno_jax.teachers import exact, loading
 from dsno_jax.training import distribution_matching as dm
-from dsno_jax.training import loop, refine
+from dsno_jax.training import loop, refine, step
 
 helpers.use_compilation_cache()
 NUM_STEPS = 4
@@ -84,7 +88,8 @@ def test_dmd_gradient_is_zero_when_the_fake_denoiser_is_the_teacher(networks, po
                                       diffusion.save_logsnrs(config), None, teacher)
   params = {refine.GENERATOR: networks[1], refine.FAKE: teacher}
   batch = next(refine.with_steps(helpers.pool_batches(pool, global_batch_size=8, seed=0), 1))
-  grads, aux = jax.grad(objective.loss_fn, has_aux=True)(params, batch, jax.random.PRNGKey(3))
+  grads, aux = jax.grad(objective.loss_fn, has_aux=True)(params, batch, jax.random.PRNGKey(3),
+                                                         teacher)
   assert float(aux["generator_step"]) == 1.0
   assert float(optax.tree.norm(grads[refine.GENERATOR])) < 1e-6
   assert float(optax.tree.norm(grads[refine.FAKE])) > 1e-4  # the fake half still learns
@@ -159,6 +164,130 @@ def test_a_stopped_refine_run_resumes_and_ends_equal_to_an_uninterrupted_one(
 
 def test_bad_refine_settings_name_the_field():
   for field, value in (("fake_steps", 0), ("dmd_weighting", "kl"), ("t_min", 0.99),
-                       ("fake_loss_weighting", "x")):
+                       ("fake_loss_weighting", "x"), ("gan_loss", "wgan"), ("gan_weight", -1.0),
+                       ("gan_weight", 0.1)):
     with pytest.raises(ValueError, match=f"refine.{field}"):
       refine.check_refine_settings(refine_config(**{field: value}).refine)
+
+
+def _constant_bytes(stablehlo: str) -> int:
+  """Bytes of the data a lowered program embeds: its non-splat dense constants (a splat is one
+  value, whatever its shape)."""
+  total = 0
+  for shape, dtype in re.findall(
+      r"stablehlo\.constant dense<[\[\"][^>]*> : tensor<((?:\d+x)*)(\w+)>", stablehlo):
+    bits = int(re.sub(r"\D", "", dtype) or 8)
+    total += math.prod(int(d) for d in shape.split("x") if d) * bits // 8
+  return total
+
+
+def test_gan_losses_equal_hand_computed_values():
+  real, fake = jnp.asarray([2.0, 0.5]), jnp.asarray([-1.0, 0.3])
+  # hinge: mean(relu(1 - [2, .5])) + mean(relu(1 + [-1, .3])) = 0.25 + 0.65
+  np.testing.assert_allclose(dm.discriminator_loss(real, fake, "hinge"), 0.9, rtol=1e-6)
+  np.testing.assert_allclose(dm.generator_gan_loss(fake, "hinge"), 0.35, rtol=1e-6)
+  # softplus(-2) = 0.126928, softplus(-.5) = 0.474077, softplus(-1) = 0.313262,
+  # softplus(.3) = 0.854355, softplus(1) = 1.313262, softplus(-.3) = 0.554355
+  np.testing.assert_allclose(dm.discriminator_loss(real, fake, "non_saturating"),
+                             (0.126928 + 0.474077) / 2 + (0.313262 + 0.854355) / 2, rtol=1e-5)
+  np.testing.assert_allclose(dm.generator_gan_loss(fake, "non_saturating"),
+                             (1.313262 + 0.554355) / 2, rtol=1e-5)
+  with pytest.raises(ValueError, match="refine.gan_loss='wgan'"):
+    dm.discriminator_loss(real, fake, "wgan")
+
+
+def gan_config(**settings):
+  """The GAN term on; the generator never steps (fake_steps beyond the run): a constant
+  generator against real images, noised at t <= 0.5 (where they differ visibly); no
+  trajectory term, whose cost only slows the test. Adam's usual eps: the head's first gradients
+  are small."""
+  return refine_config(**dict(dict(gan_discriminator_weight=1.0, gan_loss="hinge",
+                                   fake_steps=1000, fake_learning_rate=3e-3, eps=1e-8,
+                                   t_max=0.5, regression_weight=0.0), **settings))
+
+
+def gan_batches(pool, start=0):
+  """Trajectory rows with real images: a bright, smooth stroke pattern, easy to tell from the
+  generator's faint samples."""
+  xs = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
+  real = np.clip(1.5 * np.cos(3.0 * xs)[:, None] * np.cos(2.0 * xs)[None, :], -1, 1)[..., None]
+  for batch in refine.with_steps(helpers.pool_batches(pool, global_batch_size=8, seed=0), start):
+    rows = len(batch["label"])
+    yield dict(batch, real_image=np.broadcast_to(real, (rows,) + real.shape).copy(),
+               real_label=batch["label"])
+
+
+@pytest.fixture(scope="module")
+def gan_run(networks, pool):
+  """(state, discriminator losses, the jitted run, the teacher on the mesh, a batch) after 10
+  updates of the fake denoiser and head."""
+  teacher, student = networks
+  config = gan_config()
+  objective = refine.refine_objective(config, diffusion.save_logsnrs(config), lambda: student,
+                                      teacher)
+  mesh = helpers.mesh_of(1)
+  run = step.jit_run(config, objective, mesh)
+  state = run.init_state(objective.start_params(jax.random.PRNGKey(0)))
+  frozen = run.place_frozen(objective.frozen_params())
+  history = []
+  for _, batch in zip(range(10), gan_batches(pool)):
+    state, metrics = run.train_step(state, parallel.global_batch(batch, mesh), frozen)
+    history.append(float(metrics["discriminator_loss"]))
+  return state, history, run, frozen, parallel.global_batch(batch, mesh)
+
+
+def test_the_discriminator_learns_real_images_from_a_constant_generator(gan_run):
+  _, history, _, _, _ = gan_run
+  assert history[0] == pytest.approx(2.0, abs=1e-6)  # a new head: every logit 0
+  assert all(b < a + 1e-3 for a, b in zip(history, history[1:])), history
+  assert history[-1] < 0.6 * history[0], history
+
+
+def test_the_teacher_is_an_argument_of_the_step_and_never_trained(networks, gan_run):
+  """The teacher's parameters reach the jitted step (here with the GAN term) as an argument,
+  not compiled in, outside the train state, and are the same arrays after steps that donate
+  the state."""
+  teacher, _ = networks
+  state, _, run, frozen, batch = gan_run
+  assert set(state.params) == {refine.GENERATOR, refine.FAKE, refine.HEAD}  # no teacher
+  teacher_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(teacher))
+  embedded = _constant_bytes(run.train_step.lower(state, batch, frozen).as_text())
+  assert embedded < 0.01 * teacher_bytes, (embedded, teacher_bytes)
+  # the control: the same count sees a teacher closed over as constants
+  config = gan_config()
+  closed = jax.jit(lambda x: loading.unet_teacher_denoiser(config, teacher)(
+      x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
+  assert _constant_bytes(closed.lower(jnp.zeros((1, 8, 8, 1))).as_text()) > 0.5 * teacher_bytes
+  for before, after in zip(jax.tree_util.tree_leaves(teacher),
+                           jax.tree_util.tree_leaves(jax.device_get(frozen))):
+    np.testing.assert_array_equal(before, after)
+  moved = optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, teacher,
+                                                 jax.device_get(state.params[refine.FAKE])))
+  assert float(moved) > 0  # while the fake denoiser, started equal to it, trained
+
+
+def test_gan_weight_zero_leaves_the_generator_update_as_without_gan(networks, pool, gan_run):
+  """On a generator step, with a trained head: the generator's gradient at gan_weight=0
+  equals the run without the GAN term; at gan_weight > 0 it does not."""
+  teacher, _ = networks
+  params = jax.device_get(gan_run[0].params)
+  batch = next(gan_batches(pool, start=1))
+  logsnr = diffusion.save_logsnrs(refine_config())
+
+  def generator_grads(config, params):
+    objective = refine.refine_objective(config, logsnr, None, teacher)
+    keys = objective.batch_keys
+    loss = lambda p: objective.loss_fn(p, {k: batch[k] for k in keys}, jax.random.PRNGKey(5),
+                                       teacher)
+    grads, aux = jax.jit(jax.grad(loss, has_aux=True))(params)
+    assert float(aux["generator_step"]) == 1.0
+    return grads[refine.GENERATOR]
+
+  without = generator_grads(gan_config(fake_steps=2, gan_discriminator_weight=0.0),
+                            {k: params[k] for k in (refine.GENERATOR, refine.FAKE)})
+  at_zero = generator_grads(gan_config(fake_steps=2), params)
+  on = generator_grads(gan_config(fake_steps=2, gan_weight=1.0), params)
+  for a, b in zip(jax.tree_util.tree_leaves(without), jax.tree_util.tree_leaves(at_zero)):
+    np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-6)
+  difference = optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, on, without))
+  assert float(difference) > 1e-3 * float(optax.tree.norm(without))

@@ -11,6 +11,19 @@ from dsno_jax.models.blocks import (AttnBlock, ResnetBlock, conv3x3, group_norm,
                                     sinusoidal_embedding, upsample_nearest)
 from dsno_jax.models.time_conv import TimeConv
 
+MIDDLE = "middle"  # the "intermediates" entry that holds the middle block's output
+
+
+def middle_features(model: "UNet", params, x, logsnr, y=None, *, train: bool, rngs=None):
+  """The middle block's output (B, H / 2^(L-1), W / 2^(L-1), C_mid) of `model` at these inputs.
+
+  Read from the same forward pass (flax `sow`), so there is one UNet; the up path's output is
+  unused, so XLA's dead-code elimination may drop it under jit.
+  """
+  _, variables = model.apply({"params": params}, x, logsnr, y, train=train, rngs=rngs,
+                             mutable=["intermediates"])
+  return variables["intermediates"][MIDDLE][0]
+
 
 class UNet(nn.Module):
   """The UNet of Progressive Distillation (parameter names and shapes match its checkpoints).
@@ -121,6 +134,8 @@ class UNet(nn.Module):
     h = attn(name="mid.attn_1", **attn_kw)(h)
     h = self._time_mix(h, "mid.time_conv", num_times)
     h = resnet(name="mid.block_2", **res_kw)(h, emb)
+    # a no-op unless the caller makes "intermediates" mutable (middle_features)
+    self.sow("intermediates", MIDDLE, h)
 
     for i in reversed(range(levels)):
       for j in range(self.num_res_blocks + 1):

@@ -1,5 +1,5 @@
 """Distribution matching (DMD, Yin et al. 2024): the generator's gradient from a real and a fake
-denoiser, as a loss."""
+denoiser, as a loss; DMD2's optional GAN losses on a classifier's logits."""
 from typing import Callable, Dict, Tuple
 
 import jax
@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from dsno_jax import diffusion
 
 DMD_WEIGHTINGS = ("dmd", "uniform")
+GAN_LOSSES = ("hinge", "non_saturating")
 
 
 def check_settings(weighting: str, t_min: float, t_max: float):
@@ -57,3 +58,33 @@ def dmd_loss(x, grad) -> jax.Array:
   x = x.astype(jnp.float32)
   target = jax.lax.stop_gradient(x - grad)
   return 0.5 * jnp.mean(jnp.square(x - target))
+
+
+def _check_gan_loss(kind: str):
+  if kind not in GAN_LOSSES:
+    raise ValueError(f"refine.gan_loss={kind!r}; expected one of {GAN_LOSSES}")
+
+
+def discriminator_loss(real_logits, fake_logits, kind: str) -> jax.Array:
+  """The classifier's loss: real_logits (B,) should be high, fake_logits (B',) low.
+
+  hinge: mean relu(1 - real) + mean relu(1 + fake) (Lim & Ye 2017);
+  non_saturating: mean softplus(-real) + mean softplus(fake), the cross-entropy of
+  sigmoid(logit) = P(real) (Goodfellow et al. 2014).
+  """
+  _check_gan_loss(kind)
+  real_logits, fake_logits = real_logits.astype(jnp.float32), fake_logits.astype(jnp.float32)
+  if kind == "hinge":
+    return jnp.mean(jax.nn.relu(1.0 - real_logits)) + jnp.mean(jax.nn.relu(1.0 + fake_logits))
+  return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def generator_gan_loss(fake_logits, kind: str) -> jax.Array:
+  """The generator's adversarial loss on its samples' logits (B,): hinge -mean(fake);
+  non_saturating mean softplus(-fake) (-log P(real), whose gradient stays large while the
+  classifier rejects the samples)."""
+  _check_gan_loss(kind)
+  fake_logits = fake_logits.astype(jnp.float32)
+  if kind == "hinge":
+    return -jnp.mean(fake_logits)
+  return jnp.mean(jax.nn.softplus(-fake_logits))

@@ -103,10 +103,10 @@ def _check_finite(pending: List[Tuple[int, Dict]], manager,
   return fetched
 
 
-def _check_savable(next_step_check, state, upcoming, step: int, manager, section: str):
+def _check_savable(next_step_check, state, upcoming, frozen, step: int, manager, section: str):
   """FloatingPointError unless the state after `step` gives a finite loss and gradients on the
   next batch (the state's own finiteness comes with the step's metrics)."""
-  loss, grads_finite = jax.device_get(next_step_check(state, upcoming))
+  loss, grads_finite = jax.device_get(next_step_check(state, upcoming, frozen))
   if not np.isfinite(loss) or not grads_finite:
     what = f"a loss of {float(loss)}" if not np.isfinite(loss) else "non-finite gradients"
     raise FloatingPointError(
@@ -144,6 +144,8 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # as in jit_run
     state = run.init_state(objective.start_params(init_rng))
   start = int(jax.device_get(state.step))
+  # read on every start, a resume too: frozen parameters are not in the checkpoints
+  frozen = None if objective.frozen_params is None else run.place_frozen(objective.frozen_params())
   writer = reporting.make_writer(workdir, role)
   runtime = parallel.describe_runtime(mesh, settings.batch_size // mesh.devices.size)
   logging.info("%s: %s", role, runtime)
@@ -165,14 +167,14 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
     for step in range(start, settings.num_steps):
       batch, upcoming = next_batch() if upcoming is None else upcoming, None
       if train_step is None:  # the check too, so a save on SIGTERM never waits for a compile
-        train_step = parallel.compile_in_lockstep(run.train_step, state, batch,
+        train_step = parallel.compile_in_lockstep(run.train_step, state, batch, frozen,
                                                   name=f"{role}_train_step")
-        next_step_check = parallel.compile_in_lockstep(run.next_step_check, state, batch,
+        next_step_check = parallel.compile_in_lockstep(run.next_step_check, state, batch, frozen,
                                                        name=f"{role}_next_step_check")
       if config.profile and step == start + 1:  # after compilation; 3 steps
         jax.profiler.start_trace(Workdir(workdir).profile(role))
         profiling = True
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, frozen)
       if profiling and step == start + 3:
         profiling = _stop_profile(state)
       done = step + 1
@@ -188,7 +190,7 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
         pending = []
       if save_now:
         upcoming = next_batch()  # the batch of step done + 1, which the saved state must survive
-        _check_savable(next_step_check, state, upcoming, done, manager, section)
+        _check_savable(next_step_check, state, upcoming, frozen, done, manager, section)
         checkpoints.save(manager, state, force=preempted)
       if settings.sample_every and done % settings.sample_every == 0 and run.sample:
         sample = parallel.compile_in_lockstep(run.sample, state.ema_params, name="sample")

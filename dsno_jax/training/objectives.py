@@ -21,6 +21,10 @@ class Objective(NamedTuple):
   sample_fn(params, rng) -> images (N, H, W, C) in [-1, 1], or None for no grids.
   optimizer(settings) -> (optax transformation, learning-rate schedule); None: the paper's Adam
   (state.make_optimizer).
+  frozen_params() -> arrays the loss reads but never trains (the refine run's teacher), or None;
+  loss_fn then takes them as a fourth argument. The jitted step receives them as an argument,
+  sharded like the parameters and outside the train state: they are not compiled in as
+  constants, not averaged and not checkpointed (a run reads them again when it starts).
   """
   role: str  # "teacher" | "student" | "refine"
   settings: object  # config.teacher.train, config.train or config.refine
@@ -30,6 +34,7 @@ class Objective(NamedTuple):
   batch_keys: Tuple[str, ...]
   sample_fn: Optional[Callable] = None
   optimizer: Optional[Callable] = None
+  frozen_params: Optional[Callable] = None
 
 
 

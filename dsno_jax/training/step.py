@@ -22,20 +22,30 @@ def _micro_batches(x, grad_accum: int, mesh: Mesh):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
 
 
+def _loss(objective: Objective) -> Callable:
+  """(params, batch, rng, frozen) -> (loss, aux): objective.loss_fn, frozen passed only to the
+  objectives that have frozen parameters (and with no gradient into them)."""
+  if objective.frozen_params is None:
+    return lambda params, batch, rng, frozen: objective.loss_fn(params, batch, rng)
+  return lambda params, batch, rng, frozen: objective.loss_fn(params, batch, rng,
+                                                              jax.lax.stop_gradient(frozen))
+
+
 def _loss_and_grads(objective: Objective, mesh: Mesh) -> Callable:
-  """(params, batch, rng) -> (loss, aux, grads) on the global batch, over its micro-batches."""
-  grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+  """(params, batch, rng, frozen) -> (loss, aux, grads) on the global batch, over its
+  micro-batches; gradients in params only."""
+  grad_fn = jax.value_and_grad(_loss(objective), has_aux=True)
   grad_accum = objective.settings.grad_accum
 
-  def loss_and_grads(params, batch, rng):
+  def loss_and_grads(params, batch, rng, frozen):
     if grad_accum == 1:
-      (loss, aux), grads = grad_fn(params, batch, rng)
+      (loss, aux), grads = grad_fn(params, batch, rng, frozen)
       return loss, aux, grads
     micro = jax.tree_util.tree_map(lambda x: _micro_batches(x, grad_accum, mesh), batch)
 
     def accumulate(total, inputs):
       index, micro_batch = inputs
-      (loss, aux), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+      (loss, aux), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), frozen)
       return jax.tree_util.tree_map(jnp.add, total, (grads, loss)), aux
 
     zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
@@ -49,7 +59,8 @@ def _loss_and_grads(objective: Objective, mesh: Mesh) -> Callable:
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh) -> Callable:
-  """train_step(state, batch) -> (state, metrics): one optimiser step on the global batch.
+  """train_step(state, batch, frozen) -> (state, metrics): one optimiser step on the global
+  batch; frozen: objective.frozen_params() on the mesh, or None.
 
   metrics["state_finite"] says whether the new parameters, their EMA and the optimiser state
   are all finite.
@@ -57,8 +68,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
   loss_and_grads = _loss_and_grads(objective, mesh)
   ema_decay = objective.settings.ema_decay
 
-  def train_step(state, batch):
-    loss, aux, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state))
+  def train_step(state, batch, frozen):
+    loss, aux, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state), frozen)
     new_state = state_lib.apply_gradients(state, grads, tx, ema_decay)
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step),
@@ -70,15 +81,16 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
 
 
 def make_next_step_check(objective: Objective, mesh: Mesh) -> Callable:
-  """check(state, batch) -> (loss, gradients all finite) of train_step(state, batch).
+  """check(state, batch, frozen) -> (loss, gradients all finite) of train_step(state, batch,
+  frozen).
 
   Whether a state can go on training: its parameters may be finite yet so large that the
   next loss or gradients are not, and no learning rate recovers from that.
   """
   loss_and_grads = _loss_and_grads(objective, mesh)
 
-  def check(state, batch):
-    loss, _, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state))
+  def check(state, batch, frozen):
+    loss, _, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state), frozen)
     return loss, state_lib.all_finite(grads)
 
   return check
@@ -89,8 +101,9 @@ class JittedRun(NamedTuple):
   abstract_state: state_lib.TrainState
   state_shardings: state_lib.TrainState
   init_state: Callable  # params -> sharded TrainState
-  train_step: Callable  # (state, batch) -> (state, metrics); donates state
-  next_step_check: Callable  # (state, batch) -> (loss, gradients finite) of that step
+  place_frozen: Callable  # objective.frozen_params() (or None) -> its arrays on the mesh
+  train_step: Callable  # (state, batch, frozen) -> (state, metrics); donates state
+  next_step_check: Callable  # (state, batch, frozen) -> (loss, gradients finite) of that step
   sample: Optional[Callable]  # ema params -> replicated images
 
 
@@ -105,15 +118,22 @@ def jit_run(config, objective: Objective, mesh: Mesh) -> JittedRun:
   shardings = parallel.state_shardings(abstract, mesh, settings.fsdp)
   replicated = parallel.replicated(mesh)
   init_state = jax.jit(lambda p: state_lib.create(p, tx, train_rng), out_shardings=shardings)
-  train_step = jax.jit(make_train_step(objective, tx, schedule, mesh),
-                       in_shardings=(shardings, parallel.batch_sharding(mesh)),
+  frozen_shardings = None
+  if objective.frozen_params is not None:
+    # sharded by the parameters' rule (FSDP too), never donated: every step reads them again
+    frozen_shardings = parallel.state_shardings(jax.eval_shape(objective.frozen_params), mesh,
+                                                settings.fsdp)
+  place_frozen = jax.jit(lambda f: jax.tree_util.tree_map(jnp.asarray, f),
+                         out_shardings=frozen_shardings)
+  step_in = (shardings, parallel.batch_sharding(mesh), frozen_shardings)
+  train_step = jax.jit(make_train_step(objective, tx, schedule, mesh), in_shardings=step_in,
                        out_shardings=(shardings, replicated), donate_argnums=0)
-  next_step_check = jax.jit(make_next_step_check(objective, mesh),
-                            in_shardings=(shardings, parallel.batch_sharding(mesh)),
+  next_step_check = jax.jit(make_next_step_check(objective, mesh), in_shardings=step_in,
                             out_shardings=replicated)
   sample = None
   if objective.sample_fn is not None:
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 7)
     sample = jax.jit(lambda p: objective.sample_fn(p, sample_rng),
                      in_shardings=(shardings.ema_params,), out_shardings=replicated)
-  return JittedRun(abstract, shardings, init_state, train_step, next_step_check, sample)
+  return JittedRun(abstract, shardings, init_state, place_frozen, train_step, next_step_check,
+                   sample)
