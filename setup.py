@@ -47,8 +47,9 @@ TEST_REQUIRES = [
     "lmdb",
     # tests/test_perceptual.py compares LPIPS and the VGG feature distance with the lpips package.
     "lpips",
-    # tests/test_gcs.py runs gs:// workdirs against this Cloud Storage emulator on loopback.
-    "gcp-storage-emulator",
+    # tests/test_gcs.py runs gs:// workdirs against this Cloud Storage emulator on loopback,
+    # patching one of its download handlers (the version it was written against).
+    "gcp-storage-emulator==2026.7.19",
 ]
 
 setuptools.setup(
