@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 from absl import logging
 
@@ -30,13 +30,29 @@ class WorkdirInUseError(RuntimeError):
   """Another run holds the workdir's lock."""
 
 
-def _process_start(pid: int) -> Optional[int]:
-  """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+def _stat(pid: int) -> Optional[List[str]]:
+  """The fields of /proc/PID/stat after the command name (Linux), or None."""
   try:
     with open(f"/proc/{pid}/stat") as f:
-      return int(f.read().rsplit(")", 1)[1].split()[19])
-  except (OSError, IndexError, ValueError):
+      return f.read().rsplit(")", 1)[1].split()
+  except (OSError, IndexError):
     return None
+
+
+def _process_start(pid: int) -> Optional[int]:
+  """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+  fields = _stat(pid)
+  try:
+    return int(fields[19]) if fields else None
+  except (IndexError, ValueError):
+    return None
+
+
+def _is_dead(pid: int) -> bool:
+  """A zombie (killed, not yet reaped: where the parent was killed too and the host's init
+  reaps slowly) has finished as surely as a pid that is gone."""
+  fields = _stat(pid)
+  return bool(fields) and fields[0] in ("Z", "X")
 
 
 def _this_process(what: str) -> Dict:
@@ -191,6 +207,8 @@ def _is_stale(record: Dict) -> bool:
     return True
   except PermissionError:  # alive, another user's
     return False
+  if _is_dead(pid):
+    return True
   started = record.get("process_start")
   return started is not None and _process_start(pid) not in (None, started)
 

@@ -95,13 +95,24 @@ def evaluate(config, workdir: str):
 
 
 def _latest_step(directory: str) -> int:
+  """The newest finished checkpoint's step, or -1; read from the directory alone (a
+  CheckpointManager would synchronise the processes, and only some may ask)."""
   if not storage.isdir(directory):
     return -1
   import orbax.checkpoint as ocp
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  manager.close()
-  return -1 if step is None else int(step)
+  return max(ocp.path.step.checkpoint_steps(directory), default=-1)
+
+
+def _agreed(is_done: Callable[[], bool]) -> bool:
+  """is_done() as process 0 finds it, on every process: all must run the same stages (their
+  collectives pair up) even when one of them lists the bucket a moment before another writes."""
+  done = bool(is_done())
+  import jax
+  if jax.process_count() == 1:
+    return done
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(done)))
 
 
 def stages(config, workdir: str) -> List[Tuple[str, Callable[[], bool], Callable]]:
@@ -130,7 +141,7 @@ def pipeline(config, workdir: str):
   """Every stage in order, skipping finished ones; once one runs, every later one runs too."""
   timings, upstream_ran = [], False
   for name, is_done, run in stages(config, workdir):
-    if not upstream_ran and is_done():
+    if not upstream_ran and _agreed(is_done):
       logging.info("pipeline: %s is done, skipping", name)
       timings.append((name, "skipped"))
       continue

@@ -24,7 +24,8 @@ TIMEOUT_S = 600  # generous: the machine may be shared
 # The tiny pipeline, shortened: a teacher read from the bucket (no teacher training), the
 # student alone in the evaluation, a one-level UNet (compiles faster).
 OVERRIDES = {"model.ch_mult": "(1,)", "model.attn_resolutions": "(8,)",
-             "train.num_steps": 6, "train.checkpoint_every": 2, "train.log_every": 2,
+             # enough steps after the first checkpoint that the kill lands before the last one
+             "train.num_steps": 40, "train.checkpoint_every": 4, "train.log_every": 4,
              "train.sample_every": 0, "eval.teacher_rows": "()", "eval.classifier_steps": 20}
 
 
@@ -165,19 +166,19 @@ def exported(workdir):
 def test_the_two_process_pipeline_lives_in_the_bucket_and_resumes_from_it_alone(
     emulator, teacher, tmp_path):
   straight, killed = f"gs://{BUCKET}/straight", f"gs://{BUCKET}/killed"
-  reference = start(straight, teacher, str(tmp_path / "a"), str(tmp_path / "cache_a"))
+  # One after the other: the second run loads the programs the first compiled (the cache).
+  finish(*start(straight, teacher, str(tmp_path / "a"), str(tmp_path / "cache_a")))
   victim, victim_log = start(killed, teacher, str(tmp_path / "b"), str(tmp_path / "cache_b"))
   try:
     deadline = time.time() + TIMEOUT_S
     while not student_steps("killed") and victim.poll() is None and time.time() < deadline:
       time.sleep(0.05)
+    assert victim.poll() is None, open(victim_log).read()[-5000:]  # still training
     os.killpg(victim.pid, signal.SIGKILL)  # both processes and their launcher, mid-training
     victim.wait(TIMEOUT_S)
-    finish(*reference)
   finally:
-    for process in (reference[0], victim):
-      if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
+    if victim.poll() is None:
+      os.killpg(victim.pid, signal.SIGKILL)
   assert victim.returncode == -signal.SIGKILL, open(victim_log).read()[-5000:]
   steps = student_steps("killed")
   assert steps and steps[-1] < OVERRIDES["train.num_steps"], steps
@@ -196,7 +197,7 @@ def test_the_two_process_pipeline_lives_in_the_bucket_and_resumes_from_it_alone(
   for name in ("classifier/model.json", "trajectories/dataset_info.json",
                "trajectories/generation.json", "export/model.json", "samples/samples.npz",
                "samples/grid.png", "eval/results.json", "eval/results.md",
-               "checkpoints/student/config.json", "checkpoints/student/6/"):
+               "checkpoints/student/config.json", "checkpoints/student/40/"):
     assert any(n.startswith(f"straight/{name}") for n in listing), name
   assert any(n.startswith("straight/logs/student/events.out.tfevents") for n in listing)
   assert any(".array_record-" in n for n in listing)

@@ -149,8 +149,11 @@ def generate(config, workdir: str, *, devices=None) -> str:
   check_settings(settings)
   denoise, identity = loading.load_teacher(config, workdir)
   plan = plan_from_config(config, identity)
+  # The others read the plan only once process 0 has written it: before, they could find the
+  # directory half-begun (another file there, no plan yet) and refuse it.
   is_leader = jax.process_index() == 0
-  complete = trajectories.prepare(directory, plan, write=is_leader)
+  if is_leader:
+    complete = trajectories.prepare(directory, plan, write=True)
   multihost_utils.sync_global_devices("trajectories: plan written")
   if not is_leader:
     complete = trajectories.prepare(directory, plan, write=False)
