@@ -58,11 +58,4 @@ def load_student(workdir: str, refined: bool = False) -> Tuple[Dict, ml_collecti
   WORKDIR/export_refined (--mode=refine: trust only its last, t=0, output)."""
   run = Workdir(workdir)
   path, mode = (run.refined_export, "refine") if refined else (run.student_export, "export")
-  try:
-    params, config, role = model_io.load_model(path)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"no exported student at {path}: run --mode={mode} first ({e})"
-                            ) from None
-  if role != "student":
-    raise ValueError(f"{path} holds a {role}, expected the exported student")
-  return params, config
+  return model_io.load_student(path, mode)

@@ -95,3 +95,16 @@ def load_model(path: str) -> Tuple[Dict, ml_collections.ConfigDict, str]:
   params = ocp.StandardCheckpointer().restore(storage.path(storage.join(resolve(path), _PARAMS)))
   config = ml_collections.ConfigDict(meta["config"])
   return params, config, meta["role"]
+
+
+def load_student(path: str, mode: str) -> Tuple[Dict, ml_collections.ConfigDict]:
+  """(params, config) of the student exported at `path` by --mode=`mode`, or an error saying
+  which mode writes it."""
+  try:
+    params, config, role = load_model(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"no exported student at {path}: run --mode={mode} first ({e})"
+                            ) from None
+  if role != "student":
+    raise ValueError(f"{path} holds a {role}, expected the exported student")
+  return params, config

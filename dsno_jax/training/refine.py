@@ -290,13 +290,7 @@ def with_real_images(batches: Iterator[Dict[str, np.ndarray]],
 def load_exported_student(config, workdir: str) -> Dict:
   """The parameters of WORKDIR/export, checked to be the student this config builds."""
   path = Workdir(workdir).student_export
-  try:
-    params, _, role = model_io.load_model(path)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"no exported student at {path}: run --mode=export first ({e})"
-                            ) from None
-  if role != "student":
-    raise ValueError(f"{path} holds a {role}, expected the exported student")
+  params, _ = model_io.load_student(path, "export")
   trees.check_shapes(params, models.param_shapes(models.init_student, config),
                      f"the student exported at {path} is not the student of this config")
   return params
