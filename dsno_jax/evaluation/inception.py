@@ -351,21 +351,3 @@ def flax_params_from_state_dict(state_dict: Dict[str, np.ndarray], source: str =
                    f"Inception3 names of {WEIGHTS_SOURCE_FILE})")
   return trees.unflatten({"/".join(p): v
                           for p, v in torch_layout.to_flax(state_dict, names).items()})
-
-
-def pool3_feature_fn(params, value_range: Tuple[float, float] = (-1.0, 1.0),
-                     batch_size: Optional[int] = None):
-  """A function images (N, H, W, C) -> numpy features (N, 2048), in batches of `batch_size`.
-
-  The last batch is padded to `batch_size` so that one compilation serves every call.
-  """
-  def features(images):
-    if batch_size is None:
-      return np.asarray(inception_features(params, images, value_range=value_range))
-    out = []
-    for start in range(0, len(images), batch_size):
-      chunk = images[start:start + batch_size]
-      padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-      out.append(np.asarray(inception_features(params, padded, value_range=value_range))[:len(chunk)])
-    return np.concatenate(out)
-  return features
