@@ -1,8 +1,10 @@
-"""One run per workdir: a lock file naming its holder (host, pid, start), created atomically.
+"""One run per workdir: a lock file naming its holder (host, pid, start, job), created atomically.
 
 A run holds its workdir's lock for its whole life; a second run on the same workdir stops at
 once, naming the holder. A lock left by a killed run on this host (its pid is gone) is taken
-over. The lock is reached through three operations, those of a generation-checked object:
+over, and so is a lock left by the same job (`DSNO_JAX_JOB_ID`, which the launchers set) on any
+host: a job relaunched after a hard kill, on a recreated TPU slice or a requeued SLURM job's
+other nodes, is not blocked by its own lock. The lock is reached through three operations, those of a generation-checked object:
 `LocalLockFile` for a local workdir, `CloudLockFile` for a `gs://` one (a create with
 if_generation_match=0, a read that returns the generation, a delete with if_generation_match:
 https://cloud.google.com/storage/docs/request-preconditions).
@@ -21,6 +23,7 @@ from absl import logging
 
 from dsno_jax import storage
 
+JOB_ENV = "DSNO_JAX_JOB_ID"  # the job a run belongs to; it outlives relaunches of that job
 _TAKEOVER_ATTEMPTS = 5  # a lock that changes hands this often between our reads is contended
 _held: Dict[str, int] = {}  # lock path -> nesting depth, for the locks this process holds
 _held_guard = threading.Lock()
@@ -55,11 +58,16 @@ def _is_dead(pid: int) -> bool:
   return bool(fields) and fields[0] in ("Z", "X")
 
 
+def _job() -> Optional[str]:
+  """This run's job id from the environment, or None when it names no job."""
+  return os.environ.get(JOB_ENV, "").strip() or None
+
+
 def _this_process(what: str) -> Dict:
   return {"host": socket.gethostname(), "pid": os.getpid(),
           "process_start": _process_start(os.getpid()),
           "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-          "what": what, "token": uuid.uuid4().hex}
+          "what": what, "job": _job(), "token": uuid.uuid4().hex}
 
 
 class LocalLockFile:
@@ -213,6 +221,19 @@ def _is_stale(record: Dict) -> bool:
   return started is not None and _process_start(pid) not in (None, started)
 
 
+def _takeover_reason(record: Dict) -> Optional[str]:
+  """Why the holder's lock may be taken over, or None when it may not."""
+  if _is_stale(record):
+    return "a run that is gone"
+  job = _job()
+  if job is not None and record.get("job") == job:
+    # A process of this job runs only after the job's previous processes stopped (a launcher
+    # relaunches a job once it ended; a requeued SLURM job starts after its last run), so the
+    # holder is this job's earlier run, killed without releasing the lock.
+    return f"an earlier run of this job ({JOB_ENV}={job})"
+  return None
+
+
 def _in_use_message(workdir: str, path: str, record: Dict) -> str:
   if not record:
     return (f"the workdir {workdir} is locked, but its lock file {path} cannot be read. If no "
@@ -259,11 +280,11 @@ def hold(path: str, what: str, enabled: bool = True) -> Iterator[None]:
     holder = store.read()
     if holder is None:  # released between our two looks
       continue
-    if not _is_stale(holder):
+    reason = _takeover_reason(holder)
+    if reason is None:
       raise WorkdirInUseError(_in_use_message(workdir, path, holder))
     if store.delete(holder.get("token", "")):
-      logging.warning("took over the lock %s left by a run that is gone (%s)", path,
-                      _describe(holder))
+      logging.warning("took over the lock %s left by %s (%s)", path, reason, _describe(holder))
     time.sleep(0.01)
   else:
     raise WorkdirInUseError(f"the lock {path} of {workdir} changed hands {_TAKEOVER_ATTEMPTS} "
