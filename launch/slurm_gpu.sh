@@ -25,6 +25,9 @@
 # (`scontrol requeue`, allowed by --requeue; SLURM does not requeue a job for reaching its time
 # limit by itself). On preemption SLURM sends SIGTERM to all of the job's processes (this shell
 # too, which traps it and goes on waiting for srun) and SIGKILL after the partition's GraceTime.
+# Every process gets DSNO_JAX_JOB_ID=slurm:SLURM_JOB_ID: a requeued job keeps its id, so after a
+# hard kill (a node failure, a SIGKILL) its next run takes over the workdir lock the killed run
+# left, on whichever nodes it lands; another job is still refused.
 #SBATCH --job-name=dsno_jax
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
@@ -64,6 +67,7 @@ dsno_task() {
         "$SLURM_LOCALID" "${CUDA_VISIBLE_DEVICES:-}"
     printf 'JAX_LOCAL_DEVICE_IDS=%s JAX_COORDINATOR_ADDRESS=%s JAX_NUM_PROCESSES=%s JAX_PROCESS_ID=%s ' \
         "$JAX_LOCAL_DEVICE_IDS" "$JAX_COORDINATOR_ADDRESS" "$JAX_NUM_PROCESSES" "$JAX_PROCESS_ID"
+    printf 'DSNO_JAX_JOB_ID=%s ' "${DSNO_JAX_JOB_ID:-}"
     printf '%q ' "$@"
     echo
     return 0
@@ -152,6 +156,8 @@ NUM_PROCESSES=$((NODES * TASKS_PER_NODE))
 # Process 0 (srun's block distribution puts tasks 0..TASKS_PER_NODE-1 on the first node) runs
 # the coordinator there.
 export JAX_COORDINATOR_ADDRESS="${HOSTS[0]}:$PORT"
+# The workdir lock's job (dsno_jax/lock.py); srun passes it on with the rest of the environment.
+[[ -z "${SLURM_JOB_ID:-}" ]] || export DSNO_JAX_JOB_ID="slurm:$SLURM_JOB_ID"
 
 CMD=(python3 -m dsno_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" "--mode=$MODE" "${EXTRA[@]}")
 SRUN=(srun "--ntasks-per-node=$TASKS_PER_NODE" --distribution=block --kill-on-bad-exit=0)
@@ -164,7 +170,8 @@ fi
 ((${CPUS_PER_TASK:-0} > 0)) && SRUN+=("--cpus-per-task=$CPUS_PER_TASK")
 
 if [[ $DRY_RUN == 1 ]]; then
-  echo "JAX_COORDINATOR_ADDRESS=$JAX_COORDINATOR_ADDRESS $(printf '%q ' "${SRUN[@]}")bash -c" \
+  echo "JAX_COORDINATOR_ADDRESS=$JAX_COORDINATOR_ADDRESS DSNO_JAX_JOB_ID=${DSNO_JAX_JOB_ID:-}" \
+       "$(printf '%q ' "${SRUN[@]}")bash -c" \
        "'<dsno_task of launch/slurm_gpu.sh>' dsno_task $(printf '%q ' "${CMD[@]}")"
   visible="$(seq -s, 0 $((TASKS_PER_NODE - 1)))"
   for ((node = 0; node < NODES; node++)); do

@@ -1,34 +1,44 @@
 #!/usr/bin/env bash
 # Runs dsno_jax on every worker of a Cloud TPU VM slice and sees it through to the end:
-#   1. requests the slice as a queued resource (on-demand by default, --spot or --reserved) and
-#      waits until it is ACTIVE (a queued request waits for capacity instead of failing at once);
+#   1. requests the slice as a queued resource (on-demand by default, --spot or --reserved), with
+#      Autocheckpoint where Cloud TPU offers it (v2-v4, v5e: a SIGTERM and up to 5 minutes to save
+#      before a maintenance event), and waits until it is ACTIVE (a queued request waits for
+#      capacity instead of failing at once);
 #   2. copies this source tree to the bucket (WORKDIR/launch/src.tgz) and, on every worker,
 #      unpacks it to ~/dsno_jax and installs a Python 3.11 virtual environment (~/dsno_venv) with
 #      `pip install -e ".[tpu]"` (see worker_setup for why uv);
-#   3. starts `python3 -m dsno_jax.main ...` on every worker detached from the SSH session
+#   3. starts `python3 -m dsno_jax.main ...` on every worker detached from the SSH session, with
+#      DSNO_JAX_JOB_ID=tpu:NAME/RUN (so a relaunch takes over the workdir lock its run left)
 #      (setsid + nohup): the log is ~/dsno_run/job.log on the worker and is copied every minute
 #      to WORKDIR/launch/logs/worker-N.log, the exit status to ~/dsno_run/status and
 #      WORKDIR/launch/logs/worker-N.status;
 #   4. polls: the queued resource's state, and every worker (is the job alive, which exit status
-#      did it leave). Status 0 on every worker: done (the slice is deleted unless --keep).
-#      Status 75 (the job saved a checkpoint and stopped for a preemption) or a restarted VM:
-#      relaunched in place. The queued resource SUSPENDED/FAILED/gone (a preempted slice):
-#      deleted, requested again, reinstalled from the bucket and the same command relaunched;
-#      it resumes from the checkpoints in WORKDIR = BUCKET/dsno_jax/RUN. Any other status is a
-#      real failure: the launcher stops and shows the worker's log (the slice is kept).
+#      did it leave, did its VM reboot under it). Status 0 on every worker: done (the slice is
+#      deleted unless --keep). Status 75 (the job saved a checkpoint and stopped for a
+#      preemption) or a restarted VM, even when the other workers then died with another status
+#      (JAX's distributed service stops every process once one is lost): relaunched in place.
+#      The queued resource SUSPENDED/FAILED/gone, or its TPU VMs PREEMPTED/TERMINATED (a
+#      preempted slice): deleted, requested again, reinstalled from the bucket and the same
+#      command relaunched; it resumes from the checkpoints in WORKDIR = BUCKET/dsno_jax/RUN.
+#      Workers that do not answer (a failed ssh) never count as a lost slice: only the API's
+#      state does. Any other status is a real failure: the launcher stops and shows the
+#      worker's log (the slice is kept).
 # The launcher only watches: if it dies (a closed laptop), the job goes on; run the same command
 # again to reattach (a running job is not started twice). Long runs: start it under nohup/tmux.
 #
 #   launch/tpu_pod.sh --name dsno --zone us-central2-b --accelerator v4-32 --bucket gs://B \
 #       --config configs/imagenet64.py --mode pipeline [--spot | --reserved] [--version V] \
 #       [--run NAME] [--train-teacher] [--python 3.11] [--poll 300] [--wait 60] [--log-sync 60] \
-#       [--max-restarts 20] [--keep] [--dry-run [--dry-run-preempt]] \
+#       [--max-restarts 20] [--keep] [--no-autocheckpoint | --autocheckpoint] \
+#       [--dry-run [--dry-run-preempt]] \
 #       [-- --config.teacher.checkpoint=gs://B/teachers/imagenet64 ...more config overrides]
 # --poll: seconds between status polls; --wait: between state queries while the queued resource
 # is not ACTIVE; --log-sync: between copies of each worker's log to the bucket.
+# --no-autocheckpoint: request the slice without Autocheckpoint (which needs `gcloud alpha`);
+# --autocheckpoint: ask for it on a generation not listed above.
 #
-# Runtime version (--version overrides): v2/v3/v4 tpu-ubuntu2204-base, v5e (v5litepod-N)
-# v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e.
+# Runtime version (--version overrides): v2/v3/v4 tpu-ubuntu2204-base, v5e (v5litepod-N; the
+# API has no v5e-N) v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e.
 # A CIFAR-10/ImageNet-64 pipeline (or train_teacher) would first train the teacher from scratch
 # (800k steps): it is refused unless -- --config.teacher.checkpoint=... or --train-teacher is given.
 # --dry-run prints every gcloud/gsutil command (and what each worker runs) and runs none,
@@ -77,10 +87,18 @@ worker_setup() {  # args: python version
   w "\"$W_VENV/bin/python3\" -c 'import sys, jax; assert sys.version_info >= (3, 11), sys.version; print(\"python\", sys.version.split()[0], \"jax\", jax.__version__)'"
 }
 
+BOOT_ID=/proc/sys/kernel/random/boot_id  # Linux: a new random id at every boot
+
+same_boot() {  # was the job started since this VM last booted?
+  [[ "$(cat "$HOME/dsno_run/boot_id" 2>/dev/null)" == "$(cat "$BOOT_ID")" ]]
+}
+
 worker_alive() {  # is the job runner whose pid is in ~/dsno_run/pid alive?
   local pid
   pid="$(cat "$HOME/dsno_run/pid" 2>/dev/null)" || return 1
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && grep -qa -- '--worker' "/proc/$pid/cmdline" 2>/dev/null
+  # a pid of an earlier boot names another process now, whatever its command line
+  same_boot && [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null \
+      && grep -qa -- '--worker' "/proc/$pid/cmdline" 2>/dev/null
 }
 
 worker_start() {  # args: logs log_sync command...; returns at once, the job runs detached
@@ -111,6 +129,7 @@ worker_run() {  # args: logs log_sync command...; stdout and stderr already go t
   local id log_gs status_gs syncer child rc  # syncer, child, rc: used by the eval'd lines
   id="$(worker_id)"
   log_gs="$logs/worker-$id.log" status_gs="$logs/worker-$id.status"
+  w "cat $BOOT_ID > \"$W_RUN/boot_id\""
   w "echo \$\$ > \"$W_RUN/pid.tmp\" && mv \"$W_RUN/pid.tmp\" \"$W_RUN/pid\""
   w "echo running | gsutil -q cp - $status_gs || true"
   # the log goes to the bucket every $sync seconds while the job runs, and once more at the end
@@ -132,13 +151,16 @@ worker_run() {  # args: logs log_sync command...; stdout and stderr already go t
   w "gsutil -q cp \"$W_RUN/job.log\" $log_gs || true; echo \$rc | gsutil -q cp - $status_gs || true"
 }
 
-worker_status() {  # one line: DSNO_STATUS worker=N state=running|exited status=S|none
+worker_status() {  # one line: DSNO_STATUS worker=N state=running|exited status=S|restarted|none
   local id
   id="$(worker_id)"
   if worker_alive; then
     echo "DSNO_STATUS worker=$id state=running"
   elif [[ -s "$HOME/dsno_run/status" ]]; then
     echo "DSNO_STATUS worker=$id state=exited status=$(tr -dc 0-9 < "$HOME/dsno_run/status")"
+  elif [[ -s "$HOME/dsno_run/pid" ]] && ! same_boot; then
+    # the job was running when the VM went down: it left no exit status
+    echo "DSNO_STATUS worker=$id state=restarted"
   else
     echo "DSNO_STATUS worker=$id state=none"
   fi
@@ -167,7 +189,7 @@ fi
 
 NAME="" ZONE="" ACCEL="v4-32" VERSION="" BUCKET="" CONFIG="configs/imagenet64.py" MODE="pipeline"
 RUN="" TIER="" TRAIN_TEACHER=0 PY="3.11" POLL=300 WAIT=60 LOG_SYNC=60 MAX_RESTARTS=20 KEEP=0
-UNREACHABLE_LIMIT=6 DRY_RUN_PREEMPT=0 EXTRA=()
+AUTOCHECKPOINT="" SILENT_LIMIT=6 DRY_RUN_PREEMPT=0 EXTRA=()
 usage() { echo "tpu_pod.sh: $1 (see the header of this script)" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -189,6 +211,8 @@ while [[ $# -gt 0 ]]; do
     --log-sync) LOG_SYNC="$2"; shift 2 ;;
     --max-restarts) MAX_RESTARTS="$2"; shift 2 ;;
     --keep) KEEP=1; shift ;;
+    --autocheckpoint) AUTOCHECKPOINT=1; shift ;;
+    --no-autocheckpoint) AUTOCHECKPOINT=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     --dry-run-preempt) DRY_RUN=1 DRY_RUN_PREEMPT=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -207,13 +231,26 @@ SRC="$(cd "$(dirname "$SELF")/.." && pwd)"
 [[ "$CONFIG" != /* && -f "$SRC/$CONFIG" ]] || \
   usage "--config $CONFIG: give a config file of this tree, relative to its root (e.g. configs/cifar10.py)"
 
+# The API knows v5e slices only as v5litepod-N; "v5e-N" would fail only once the request is made.
+[[ "$ACCEL" != v5e-* ]] || \
+  usage "--accelerator $ACCEL: Cloud TPU names v5e slices v5litepod-N: give --accelerator v5litepod-${ACCEL#v5e-}"
 if [[ -z "$VERSION" ]]; then
   case "$ACCEL" in
     v2-*|v3-*|v4-*) VERSION="tpu-ubuntu2204-base" ;;
-    v5litepod-*|v5e-*) VERSION="v2-alpha-tpuv5-lite" ;;
+    v5litepod-*) VERSION="v2-alpha-tpuv5-lite" ;;
     v5p-*) VERSION="v2-alpha-tpuv5" ;;
     v6e-*) VERSION="v2-alpha-tpuv6e" ;;
     *) usage "no runtime version known for --accelerator $ACCEL: give --version" ;;
+  esac
+fi
+
+# Autocheckpoint (Cloud TPU, preview): before a maintenance event the job gets SIGTERM and up to
+# 5 minutes to save, instead of being killed. The documentation offers it for v2-v4 and v5e,
+# through `gcloud alpha`: https://cloud.google.com/tpu/docs/autocheckpoint
+if [[ -z "$AUTOCHECKPOINT" ]]; then
+  case "$ACCEL" in
+    v2-*|v3-*|v4-*|v5litepod-*) AUTOCHECKPOINT=1 ;;
+    *) AUTOCHECKPOINT=0 ;;
   esac
 fi
 
@@ -244,9 +281,13 @@ WORKDIR="$BUCKET/dsno_jax/$RUN"
 LOGS="$WORKDIR/launch/logs"
 SRC_GS="$WORKDIR/launch/src.tgz"
 DATA_DIR="$BUCKET/tensorflow_datasets"
+# The job's id for the workdir lock (dsno_jax/lock.py): every relaunch of this launch, on this
+# slice or a recreated one, takes over the lock its earlier run left; another slice's run of the
+# same workdir does not.
+JOB_ID="tpu:$NAME/$RUN"
 # Every worker runs the same command; jax.distributed.initialize() finds the others by itself.
-JOB=(python3 -m dsno_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" "--mode=$MODE"
-     "--config.data.data_dir=$DATA_DIR" "${EXTRA[@]}")
+JOB=(env "DSNO_JAX_JOB_ID=$JOB_ID" python3 -m dsno_jax.main "--config=$CONFIG"
+     "--workdir=$WORKDIR" "--mode=$MODE" "--config.data.data_dir=$DATA_DIR" "${EXTRA[@]}")
 
 run() {  # a command, or printed in a dry run
   if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
@@ -258,13 +299,28 @@ slice_workers() {  # hosts of the slice (only to simulate a dry run's status rep
   local n="${ACCEL##*-}"
   [[ "$n" =~ ^[0-9]+$ ]] || { echo 1; return; }
   case "$ACCEL" in
-    v5litepod-*|v5e-*|v6e-*) echo $(( n > 8 ? n / 4 : 1 )) ;;  # chips, 4 a host when several
+    v5litepod-*|v6e-*) echo $(( n > 8 ? n / 4 : 1 )) ;;  # chips, 4 a host when several
     *) echo $(( n >= 8 ? n / 8 : 1 )) ;;  # v2..v5p: TensorCores, 8 a host
   esac
 }
 
 # Dry runs: the queued resource's simulated state (a fresh launch).
 SIM_STATE=NOT_FOUND SIM_PREEMPTED=0
+
+api_state() {  # args: what, a describe command; prints the state, NOT_FOUND or UNREACHABLE
+  local what="$1" out err
+  shift
+  err="$(mktemp)"
+  if out="$("$@" 2>"$err")"; then
+    echo "${out:-UNKNOWN}"
+  elif grep -qiE 'not.?found' "$err"; then
+    echo NOT_FOUND
+  else
+    echo UNREACHABLE
+    say "could not ask for the state of $what: $(tail -n 1 "$err")"
+  fi
+  rm -f "$err"
+}
 
 STATE=""
 query_state() {  # sets STATE: a queued-resource state, NOT_FOUND, or UNREACHABLE
@@ -277,17 +333,18 @@ query_state() {  # sets STATE: a queued-resource state, NOT_FOUND, or UNREACHABL
     echo "# (dry run) state: $STATE"
     return
   fi
-  local out err
-  err="$(mktemp)"
-  if out="$("${cmd[@]}" 2>"$err")"; then
-    STATE="${out:-UNKNOWN}"
-  elif grep -qiE 'not.?found' "$err"; then
-    STATE=NOT_FOUND
-  else
-    STATE=UNREACHABLE
-    say "could not ask for the state of $NAME: $(tail -n 1 "$err")"
+  STATE="$(api_state "queued resource $NAME" "${cmd[@]}")"
+}
+
+NODE_STATE=""
+query_node_state() {  # sets NODE_STATE: the TPU VMs' state (READY, REPAIRING, PREEMPTED, ...)
+  local cmd=(gcloud compute tpus tpu-vm describe "$NAME" --zone="$ZONE" --format='value(state)')
+  if [[ $DRY_RUN == 1 ]]; then
+    run "${cmd[@]}"
+    NODE_STATE=READY
+    return
   fi
-  rm -f "$err"
+  NODE_STATE="$(api_state "TPU $NAME" "${cmd[@]}")"
 }
 
 RESTARTS=0
@@ -300,11 +357,15 @@ bump_restarts() {
 }
 
 create_slice() {
-  local tier=()
-  [[ -n "$TIER" ]] && tier=("$TIER")
-  say "requesting $ACCEL ($VERSION, ${TIER:-on-demand}) as queued resource $NAME in $ZONE"
-  run gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" --zone="$ZONE" \
-      --accelerator-type="$ACCEL" --runtime-version="$VERSION" "${tier[@]}"
+  local gcloud=(gcloud) options=()
+  [[ -n "$TIER" ]] && options+=("$TIER")
+  if [[ $AUTOCHECKPOINT == 1 ]]; then
+    gcloud=(gcloud alpha) options+=(--autocheckpoint-enabled)
+  fi
+  say "requesting $ACCEL ($VERSION, ${TIER:-on-demand}, autocheckpoint" \
+      "$( ((AUTOCHECKPOINT)) && echo on || echo off)) as queued resource $NAME in $ZONE"
+  run "${gcloud[@]}" compute tpus queued-resources create "$NAME" --node-id="$NAME" \
+      --zone="$ZONE" --accelerator-type="$ACCEL" --runtime-version="$VERSION" "${options[@]}"
   SIM_STATE=WAITING_FOR_RESOURCES
 }
 
@@ -336,9 +397,14 @@ ensure_active() {  # returns once the queued resource is ACTIVE, (re)requesting 
   done
 }
 
+# A recreated slice reuses its workers' names with new host keys: a known_hosts entry of the old
+# ones must not refuse them.
+SSH_OPTIONS=(--strict-host-key-checking=no)
+
 ssh_all() {  # a command line on every worker; a dry run also shows what the workers run
   local remote="$1"; shift
-  run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$remote"
+  run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all "${SSH_OPTIONS[@]}" \
+      --command="$remote"
   if [[ $DRY_RUN == 1 && $# -gt 0 ]]; then
     (worker_main "$1" --dry-run "${@:2}") | sed 's/^/    [every worker] /'
   fi
@@ -366,23 +432,24 @@ launch_job() {  # install on every worker from the bucket, then start the job de
   say "logs: $LOGS/worker-N.log (and ~/dsno_run/job.log on each worker)"
 }
 
-# Sets RUNNING DONE PREEMPTED NONE FAILED (lists of worker ids) and REPLIES; returns 1 when the
-# workers could not be asked.
-RUNNING=() DONE=() PREEMPTED=() NONE=() FAILED=() REPLIES=0
+# Sets RUNNING DONE PREEMPTED RESTARTED NONE FAILED (lists of worker ids), REPLIES, and SILENT=1
+# when some worker did not answer (gcloud's ssh to it failed).
+RUNNING=() DONE=() PREEMPTED=() RESTARTED=() NONE=() FAILED=() REPLIES=0 SILENT=0
 query_workers() {
   local remote="$WORKER_SH status 2>/dev/null || echo DSNO_STATUS worker=unknown state=none"
   local out line id state status rc=0
-  RUNNING=() DONE=() PREEMPTED=() NONE=() FAILED=() REPLIES=0
+  RUNNING=() DONE=() PREEMPTED=() RESTARTED=() NONE=() FAILED=() REPLIES=0
   if [[ $DRY_RUN == 1 ]]; then
-    run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$remote"
+    run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all "${SSH_OPTIONS[@]}" \
+        --command="$remote"
     out=""
     for ((id = 0; id < $(slice_workers); id++)); do
       out+="DSNO_STATUS worker=$id state=exited status=0"$'\n'
     done
     echo "# (dry run) replies: every worker state=exited status=0"
   else
-    out="$(gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$remote" \
-           2>/dev/null)" || rc=$?
+    out="$(gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all \
+           "${SSH_OPTIONS[@]}" --command="$remote" 2>/dev/null)" || rc=$?
   fi
   while read -r line; do
     [[ "$line" =~ DSNO_STATUS\ worker=([^ ]+)\ state=([a-z]+)(\ status=([0-9]+))? ]] || continue
@@ -393,10 +460,11 @@ query_workers() {
       exited:0) DONE+=("$id") ;;
       exited:75) PREEMPTED+=("$id") ;;
       exited:*) FAILED+=("$id:$status") ;;
+      restarted:*) RESTARTED+=("$id") ;;
       *) NONE+=("$id") ;;
     esac
   done <<< "$out"
-  [[ $rc == 0 && $REPLIES -gt 0 ]]
+  SILENT=$(( rc != 0 || REPLIES == 0 ))
 }
 
 report_failure() {
@@ -415,18 +483,23 @@ report_failure() {
       "gcloud compute tpus queued-resources delete $NAME --zone=$ZONE --force --quiet"
 }
 
+relaunch() {  # the job stopped on an ACTIVE slice: start it again there
+  bump_restarts
+  NEED_LAUNCH=1
+}
+
 # ------------------------------------------------------------------------------------------
-say "run $RUN: $ACCEL in $ZONE, runtime $VERSION; workdir $WORKDIR"
+say "run $RUN: $ACCEL in $ZONE, runtime $VERSION; workdir $WORKDIR; job $JOB_ID"
 NEED_LAUNCH=1
 query_state
-if [[ "$STATE" == ACTIVE ]] && query_workers && ((${#RUNNING[@]} > 0)); then
+if [[ "$STATE" == ACTIVE ]] && { query_workers; ((${#RUNNING[@]} > 0)); }; then
   say "the job is already running on $NAME (workers ${RUNNING[*]}): watching it"
   NEED_LAUNCH=0
 else
   upload_source
 fi
 
-UNREACHABLE=0 LAUNCH_FAILURES=0
+SILENT_POLLS=0 LAUNCH_FAILURES=0
 while true; do
   if [[ $NEED_LAUNCH == 1 ]]; then
     ensure_active
@@ -439,7 +512,7 @@ while true; do
       fi
       continue  # not ACTIVE: ensure_active requests it again
     fi
-    NEED_LAUNCH=0 LAUNCH_FAILURES=0 UNREACHABLE=0
+    NEED_LAUNCH=0 LAUNCH_FAILURES=0 SILENT_POLLS=0
   fi
 
   nap "$POLL"
@@ -456,24 +529,55 @@ while true; do
       continue ;;  # ensure_active deletes and requests it again
   esac
 
-  if ! query_workers; then
-    UNREACHABLE=$((UNREACHABLE + 1))
-    say "could not reach the workers ($UNREACHABLE of $UNREACHABLE_LIMIT polls in a row)"
-    if ((UNREACHABLE >= UNREACHABLE_LIMIT)); then
-      say "the workers of the ACTIVE slice stay unreachable: recreating it"
-      bump_restarts
-      delete_slice
-      NEED_LAUNCH=1
-    fi
+  query_workers
+  LOST=("${RESTARTED[@]}" "${NONE[@]}" "${PREEMPTED[@]}")
+  if ((${#FAILED[@]} > 0 && ${#LOST[@]} > 0)); then
+    # One worker's VM restarted (or its job stopped for a preemption) and the others then died
+    # with "the JAX distributed service detected fatal errors": JAX's coordination service stops
+    # every process once one is lost. The job itself did not fail.
+    say "workers ${FAILED[*]} (worker:status) stopped after the job was lost on workers" \
+        "${LOST[*]} (restarted: ${RESTARTED[*]:-none}; preempted: ${PREEMPTED[*]:-none}):" \
+        "relaunching it, resuming from $WORKDIR"
+    relaunch
     continue
   fi
-  UNREACHABLE=0
+  if ((SILENT)); then
+    # An ssh that fails says nothing about the slice (a worker rebooting, a network blip, a
+    # busy sshd): only the API's state of the slice may have it recreated.
+    SILENT_POLLS=$((SILENT_POLLS + 1))
+    say "$REPLIES workers answered, the others did not ($SILENT_POLLS polls in a row); running" \
+        "on: ${RUNNING[*]:-none}"
+    ((SILENT_POLLS % SILENT_LIMIT == 0)) || continue
+    query_node_state
+    case "$NODE_STATE" in
+      PREEMPTED|TERMINATED|NOT_FOUND)
+        say "the TPU VMs of $NAME are $NODE_STATE: recreating the slice, resuming from $WORKDIR"
+        bump_restarts
+        delete_slice
+        NEED_LAUNCH=1 ;;
+      *)
+        if ((${#FAILED[@]} > 0)); then
+          say "workers stay silent on a $NODE_STATE slice after a failure"
+          report_failure
+          exit 1
+        fi
+        say "the TPU VMs of $NAME are $NODE_STATE: waiting for the silent workers" ;;
+    esac
+    continue
+  fi
+  SILENT_POLLS=0
   if ((${#FAILED[@]} > 0)); then
     report_failure
     exit 1
   fi
   if ((${#RUNNING[@]} > 0)); then
-    say "running on ${#RUNNING[@]} of $REPLIES workers"
+    GONE=("${RESTARTED[@]}" "${NONE[@]}")
+    if ((${#GONE[@]} > 0)); then
+      say "running on ${#RUNNING[@]} of $REPLIES workers; lost on ${GONE[*]}: JAX stops the" \
+          "others once it notices, then the job is relaunched"
+    else
+      say "running on ${#RUNNING[@]} of $REPLIES workers"
+    fi
     continue
   fi
   if ((${#DONE[@]} == REPLIES)); then
@@ -486,8 +590,7 @@ while true; do
   fi
   # Nothing runs, nothing failed: the job stopped for a preemption (status 75) or the VMs were
   # restarted under it (no status) while the slice stayed ACTIVE: relaunch in place.
-  say "the job stopped (preempted: ${PREEMPTED[*]:-none}; no status: ${NONE[*]:-none}) on an" \
-      "ACTIVE slice: relaunching it, resuming from $WORKDIR"
-  bump_restarts
-  NEED_LAUNCH=1
+  say "the job stopped (preempted: ${PREEMPTED[*]:-none}; restarted: ${RESTARTED[*]:-none};" \
+      "no status: ${NONE[*]:-none}) on an ACTIVE slice: relaunching it, resuming from $WORKDIR"
+  relaunch
 done

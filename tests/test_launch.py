@@ -49,8 +49,8 @@ def parse(out):
 
 def kind(cmd):
   """A short name for each gcloud/gsutil command of a dry run."""
-  if cmd[:4] == ["gcloud", "compute", "tpus", "queued-resources"]:
-    return "qr-" + cmd[4]
+  if cmd[0] == "gcloud" and "queued-resources" in cmd[:5]:
+    return "qr-" + cmd[cmd.index("queued-resources") + 1]
   if cmd[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]:
     remote = next(a for a in cmd if a.startswith("--command="))
     for step in ("setup", "start", "status"):
@@ -64,7 +64,7 @@ def remote_command(cmd):
   return shlex.split(next(a for a in cmd if a.startswith("--command="))[len("--command="):])
 
 
-JOB = ["python3", "-m", "dsno_jax.main", "--config=configs/imagenet64.py",
+JOB = ["env", "DSNO_JAX_JOB_ID=tpu:dsno/imagenet64", "python3", "-m", "dsno_jax.main", "--config=configs/imagenet64.py",
        "--workdir=gs://my-bucket/dsno_jax/imagenet64", "--mode=train",
        "--config.data.data_dir=gs://my-bucket/tensorflow_datasets",
        "--config.train.batch_size=2048"]
@@ -84,15 +84,17 @@ def test_tpu_pod_dry_run_for_a_v4_32_slice():
   assert kinds.index("qr-create") < max(i for i, k in enumerate(kinds) if k == "qr-describe")
   assert "tpu-vm create" not in out
   create = commands[kinds.index("qr-create")]
-  assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "dsno",
+  # with Autocheckpoint, which Cloud TPU offers for v4 through gcloud alpha
+  assert create == ["gcloud", "alpha", "compute", "tpus", "queued-resources", "create", "dsno",
                     "--node-id=dsno", "--zone=us-central2-b", "--accelerator-type=v4-32",
-                    "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+                    "--runtime-version=tpu-ubuntu2204-base", "--spot", "--autocheckpoint-enabled"]
   describe = commands[kinds.index("qr-describe")]
   assert "--format=value(state.state)" in describe
   assert commands[kinds.index("gsutil")][-1] == "gs://my-bucket/dsno_jax/imagenet64/launch/src.tgz"
   for c in commands:
-    if kind(c).startswith("ssh"):
-      assert c[5:8] == ["dsno", "--zone=us-central2-b", "--worker=all"], c
+    if kind(c).startswith("ssh"):  # a recreated slice's workers have new host keys
+      assert c[5:9] == ["dsno", "--zone=us-central2-b", "--worker=all",
+                        "--strict-host-key-checking=no"], c
 
   # set-up: the source from the bucket, a Python 3.11 environment made with uv, jax[tpu]
   setup = " ".join(remote_command(commands[kinds.index("ssh-setup")]))
@@ -115,6 +117,7 @@ def test_tpu_pod_dry_run_for_a_v4_32_slice():
   assert any(f"gsutil -q cp - {logs}.status" in w for w in worker)
   assert any(w.startswith(shlex.join(JOB)) for w in worker)
   assert " python " not in out  # python3 everywhere
+  assert "job tpu:dsno/imagenet64" in err
 
   # polling: the workers report whether the job is alive and its exit status
   status = remote_command(commands[kinds.index("ssh-status")])
@@ -137,6 +140,7 @@ def test_tpu_pod_dry_run_v5e_recreates_and_resumes_after_a_preemption():
   assert "--runtime-version=v2-alpha-tpuv5-lite" in creates[0]
   assert "--accelerator-type=v5litepod-16" in creates[0]
   assert "--spot" not in creates[0] and "--reserved" not in creates[0]  # on-demand by default
+  assert creates[0][:2] == ["gcloud", "alpha"] and creates[0][-1] == "--autocheckpoint-enabled"
   assert [c for c in commands if kind(c) == "qr-delete"][0] == [
       "gcloud", "compute", "tpus", "queued-resources", "delete", "dsno", "--zone=us-central2-b",
       "--force", "--quiet"]
@@ -152,6 +156,7 @@ def test_tpu_pod_dry_run_v6e_8_reserved_and_kept():
   commands, _ = parse(out)
   create = next(c for c in commands if kind(c) == "qr-create")
   assert "--runtime-version=v2-alpha-tpuv6e" in create and create[-1] == "--reserved"
+  assert create[1] == "compute"  # no Autocheckpoint on v6e: the documentation does not offer it
   assert "qr-delete" not in [kind(c) for c in commands]  # --keep
   assert "finished on all 1 workers" in err
 
@@ -166,6 +171,26 @@ def test_tpu_pod_runtime_version_choice():
   assert code == 2 and "give --version" in err
   code, _, err = tpu_dry_run("--mode", "train", "--spot", "--reserved", "--dry-run")
   assert code == 2 and "exclude each other" in err
+
+
+def test_tpu_pod_takes_v5e_only_by_the_apis_name_v5litepod():
+  code, out, err = tpu_dry_run("--accelerator", "v5e-16", "--mode", "train", "--dry-run")
+  assert code == 2 and out == "", err
+  assert "--accelerator v5e-16: Cloud TPU names v5e slices v5litepod-N: give --accelerator " \
+         "v5litepod-16" in err
+
+
+def test_tpu_pod_autocheckpoint_can_be_turned_off_or_asked_for():
+  code, out, err = tpu_dry_run("--accelerator", "v4-8", "--mode", "train", "--no-autocheckpoint",
+                               "--dry-run")
+  assert code == 0, err
+  create = next(c for c in parse(out)[0] if kind(c) == "qr-create")
+  assert create[:2] == ["gcloud", "compute"] and "--autocheckpoint-enabled" not in create
+  code, out, err = tpu_dry_run("--accelerator", "v5p-16", "--mode", "train", "--autocheckpoint",
+                               "--dry-run")
+  assert code == 0, err
+  create = next(c for c in parse(out)[0] if kind(c) == "qr-create")
+  assert create[:2] == ["gcloud", "alpha"] and create[-1] == "--autocheckpoint-enabled"
 
 
 @pytest.mark.parametrize("config", ["configs/cifar10.py", "configs/imagenet64.py"])
@@ -204,8 +229,17 @@ case "$*" in
       exit 1
     fi
     echo "$state" ;;
+  *"tpu-vm describe"*"value(state)"*)
+    if [[ -f "$STUB_DIR/nodes" ]]; then next nodes; else echo READY; fi ;;
   *"tpu-vm ssh"*"--worker status"*)
-    next statuses | tr '|' '\n' | sed 's/^/DSNO_STATUS /' ;;
+    # a status line: the workers' replies, "|"-separated; "exit=N": gcloud's exit status (an ssh
+    # to some worker failed)
+    code=0
+    IFS='|' read -r -a parts <<< "$(next statuses)"
+    for part in "${parts[@]}"; do
+      if [[ "$part" == exit=* ]]; then code="${part#exit=}"; else echo "DSNO_STATUS $part"; fi
+    done
+    exit "$code" ;;
 esac
 exit 0
 """
@@ -216,13 +250,15 @@ exit 0
 """
 
 
-def tpu_with_stubs(tmp_path, states, statuses, *args):
+def tpu_with_stubs(tmp_path, states, statuses, *args, nodes=None):
   stubs = tmp_path / "bin"
   stubs.mkdir()
   write_stub(str(stubs), "gcloud", GCLOUD_STUB)
   write_stub(str(stubs), "gsutil", GSUTIL_STUB)
   (tmp_path / "states").write_text("\n".join(states) + "\n")
   (tmp_path / "statuses").write_text("\n".join(statuses) + "\n")
+  if nodes:
+    (tmp_path / "nodes").write_text("\n".join(nodes) + "\n")
   code, out, err = run(["bash", "launch/tpu_pod.sh", "--name", "dsno", "--zone", "z",
                         "--accelerator", "v4-16", "--bucket", "gs://b", "--mode", "train",
                         "--poll", "0", "--wait", "0", *args],
@@ -235,7 +271,9 @@ def tpu_with_stubs(tmp_path, states, statuses, *args):
     if words[0] == "gsutil":
       return "gsutil-" + words[1 + (words[1] == "-q")]
     if "queued-resources" in words:
-      return "qr-" + words[4]
+      return "qr-" + words[words.index("queued-resources") + 1]
+    if "tpu-vm" in words and "describe" in words:
+      return "vm-describe"
     return next(("ssh-" + s for s in ("setup", "start", "status") if f"--worker {s}" in call),
                 "ssh")
   return code, out, err, [short(c) for c in calls if short(c) != "qr-describe"]
@@ -286,6 +324,60 @@ def test_tpu_pod_reattaches_to_a_running_job(tmp_path):
   assert code == 0, err
   assert calls == ["ssh-status", "ssh-status"], calls  # nothing created, nothing started
   assert "already running" in err
+
+
+def test_tpu_pod_keeps_a_running_slice_when_one_worker_does_not_answer(tmp_path):
+  """A failed ssh to one worker, poll after poll, is not a lost slice: the API says READY."""
+  states = ["NOT_FOUND", "NOT_FOUND", "ACTIVE"] + ["ACTIVE"] * 9
+  statuses = ["worker=0 state=running|exit=255"] * 7 + [  # worker 1's ssh fails 7 times
+      "worker=0 state=exited status=0|exit=255",  # done on worker 0, worker 1 still silent
+      "worker=0 state=exited status=0|worker=1 state=exited status=0"]
+  code, _, err, calls = tpu_with_stubs(tmp_path, states, statuses)
+  assert code == 0, err
+  assert calls == (["gsutil-cp", "qr-create", "ssh-setup", "ssh-start"] + ["ssh-status"] * 6
+                   + ["vm-describe"] + ["ssh-status"] * 3 + ["qr-delete"]), calls
+  assert "1 workers answered, the others did not (7 polls in a row); running on: 0" in err
+  assert "the TPU VMs of dsno are READY: waiting for the silent workers" in err
+  assert "finished on all 2 workers" in err
+
+
+def test_tpu_pod_recreates_a_slice_only_when_the_api_says_its_vms_are_gone(tmp_path):
+  states = ["NOT_FOUND", "NOT_FOUND", "ACTIVE"] + ["ACTIVE"] * 12 + ["NOT_FOUND", "ACTIVE"]
+  statuses = ["exit=255"] * 12 + [  # no worker answers: READY at the 6th poll, then TERMINATED
+      "worker=0 state=exited status=0|worker=1 state=exited status=0"]
+  code, _, err, calls = tpu_with_stubs(tmp_path, states, statuses, nodes=["READY", "TERMINATED"])
+  assert code == 0, err
+  assert calls == (["gsutil-cp", "qr-create", "ssh-setup", "ssh-start"]
+                   + ["ssh-status"] * 6 + ["vm-describe"] + ["ssh-status"] * 6 + ["vm-describe"]
+                   + ["qr-delete", "qr-create", "ssh-setup", "ssh-start", "ssh-status",
+                      "qr-delete"]), calls
+  assert "the TPU VMs of dsno are TERMINATED: recreating the slice" in err
+
+
+def test_tpu_pod_relaunches_after_a_vm_restart_and_the_others_coordinated_death(tmp_path):
+  """Worker 1's VM restarts under the job; worker 0 then dies with another status than 75
+  ("the JAX distributed service detected fatal errors"): a relaunch, not a failure."""
+  states = ["NOT_FOUND", "NOT_FOUND", "ACTIVE"] + ["ACTIVE"] * 6
+  statuses = ["worker=0 state=running|worker=1 state=restarted",
+              "worker=0 state=exited status=1|worker=1 state=restarted",
+              "worker=0 state=exited status=0|worker=1 state=exited status=0"]
+  code, _, err, calls = tpu_with_stubs(tmp_path, states, statuses, "--keep")
+  assert code == 0, err
+  assert calls == ["gsutil-cp", "qr-create", "ssh-setup", "ssh-start", "ssh-status",
+                   "ssh-status", "ssh-setup", "ssh-start", "ssh-status"], calls
+  assert "running on 1 of 2 workers; lost on 1: JAX stops the others once it notices" in err
+  assert "workers 0:1 (worker:status) stopped after the job was lost on workers 1" in err
+  assert "the job failed" not in err
+
+
+def test_tpu_pod_a_silent_worker_after_a_failure_stops_once_the_api_says_ready(tmp_path):
+  states = ["NOT_FOUND", "NOT_FOUND", "ACTIVE"] + ["ACTIVE"] * 6
+  statuses = ["worker=0 state=exited status=1|exit=255"]
+  code, _, err, calls = tpu_with_stubs(tmp_path, states, statuses)
+  assert code == 1
+  assert calls == (["gsutil-cp", "qr-create", "ssh-setup", "ssh-start"] + ["ssh-status"] * 6
+                   + ["vm-describe", "gsutil-cat"]), calls  # no relaunch, no delete
+  assert "worker 0: the job failed with exit status 1" in err
 
 
 # -------------------------------------------------- the TPU worker side, run here for real
@@ -339,15 +431,41 @@ if [[ "${args[1]}" == - ]]; then cat > "$dst"; else cp "${args[1]}" "$dst"; fi
   assert "\nready\nsaved\n" in uploaded and "exited with status 75" in uploaded
 
 
+def test_tpu_worker_status_tells_a_restarted_vm_from_a_running_or_finished_job(tmp_path):
+  """A job whose runner was started before this VM's last boot (another boot id) left no exit
+  status: the worker reports it restarted; a live runner of this boot is running."""
+  home = tmp_path / "home"
+  (home / "dsno_run").mkdir(parents=True)
+  env = {"HOME": str(home), "DSNO_WORKER_ID": "1"}
+  boot = open("/proc/sys/kernel/random/boot_id").read()
+  runner = subprocess.Popen(["bash", "-c", "sleep 60; exit", "--worker"])  # as a runner is
+  try:
+    (home / "dsno_run" / "pid").write_text(f"{runner.pid}\n")
+
+    def status(boot_id):
+      (home / "dsno_run" / "boot_id").write_text(boot_id)
+      return run(["bash", "launch/tpu_pod.sh", "--worker", "status"], env=env)[1].strip()
+    assert status(boot) == "DSNO_STATUS worker=1 state=running"
+    assert status("an-earlier-boot\n") == "DSNO_STATUS worker=1 state=restarted"
+    (home / "dsno_run" / "status").write_text("75\n")  # it stopped before the VM restarted
+    assert status("an-earlier-boot\n") == "DSNO_STATUS worker=1 state=exited status=75"
+  finally:
+    runner.kill()
+    runner.wait()
+  (home / "dsno_run" / "status").unlink()
+  assert status(boot) == "DSNO_STATUS worker=1 state=none"  # gone, in this boot, without a word
+
+
 # ------------------------------------------------------------------------------------ SLURM
 def test_slurm_dry_run_for_2_nodes_of_8_gpus():
   env = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "8",
-         "PATH": os.environ["PATH"]}  # no scontrol here: the node list is expanded in python
+         "SLURM_JOB_ID": "77", "PATH": os.environ["PATH"]}  # no scontrol here: the node list is expanded in python
   code, out, err = run(["bash", "launch/slurm_gpu.sh", "--dry-run", "--workdir", "/shared/r",
                         "--mode", "train", "--", "--config.train.batch_size=2048"], env=env)
   assert code == 0, err
   lines = out.strip().splitlines()
-  assert lines[0].startswith("JAX_COORDINATOR_ADDRESS=gpu07:12355 srun --ntasks-per-node=8 ")
+  assert lines[0].startswith("JAX_COORDINATOR_ADDRESS=gpu07:12355 DSNO_JAX_JOB_ID=slurm:77 "
+                             "srun --ntasks-per-node=8 ")
   processes = [dict(w.split("=", 1) for w in line.split() if "=" in w and not w.startswith("--"))
                for line in lines[1:]]
   assert len(processes) == 16
@@ -356,6 +474,7 @@ def test_slurm_dry_run_for_2_nodes_of_8_gpus():
   assert pairs == {(h, str(g)) for h in ("gpu07", "gpu08") for g in range(8)}
   assert {p["JAX_COORDINATOR_ADDRESS"] for p in processes} == {"gpu07:12355"}
   assert {p["JAX_NUM_PROCESSES"] for p in processes} == {"16"}
+  assert {p["DSNO_JAX_JOB_ID"] for p in processes} == {"slurm:77"}  # the workdir lock's job
   assert all(p["JAX_LOCAL_DEVICE_IDS"] == p["SLURM_LOCALID"] == p["gpu"] for p in processes)
   # process 0, which runs the coordinator, is on the coordinator's node
   assert next(p for p in processes if p["JAX_PROCESS_ID"] == "0")["host"] == "gpu07"
@@ -394,7 +513,7 @@ exit $max
 """
 PYTHON_STUB = r"""
 # stands in for `python3 -m dsno_jax.main`: records its environment, exits with its STUB_RCS entry
-echo "$JAX_PROCESS_ID $SLURMD_NODENAME $JAX_LOCAL_DEVICE_IDS $JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES" >> "$STUB_LOG.processes"
+echo "$JAX_PROCESS_ID $SLURMD_NODENAME $JAX_LOCAL_DEVICE_IDS $JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $DSNO_JAX_JOB_ID" >> "$STUB_LOG.processes"
 IFS=, read -r -a rcs <<< "$STUB_RCS"
 exit "${rcs[$JAX_PROCESS_ID]:-0}"
 """
@@ -430,11 +549,11 @@ def test_slurm_batch_requeues_when_every_process_stopped_with_75(slurm_stubs):
   assert code == 0, err
   assert calls[0].startswith("srun --ntasks-per-node=2 --distribution=block --kill-on-bad-exit=0")
   assert calls[1:] == ["scontrol requeue 1234"]
-  # process id, node, local device, coordinator, number of processes
-  assert processes == [("0", "gpu07", "0", "gpu07:12355", "4"),
-                       ("1", "gpu07", "1", "gpu07:12355", "4"),
-                       ("2", "gpu08", "0", "gpu07:12355", "4"),
-                       ("3", "gpu08", "1", "gpu07:12355", "4")]
+  # process id, node, local device, coordinator, number of processes, job (it survives requeues)
+  assert processes == [("0", "gpu07", "0", "gpu07:12355", "4", "slurm:1234"),
+                       ("1", "gpu07", "1", "gpu07:12355", "4", "slurm:1234"),
+                       ("2", "gpu08", "0", "gpu07:12355", "4", "slurm:1234"),
+                       ("3", "gpu08", "1", "gpu07:12355", "4", "slurm:1234")]
 
 
 def test_slurm_batch_done_failed_and_requeue_limit(slurm_stubs):
