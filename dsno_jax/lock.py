@@ -4,10 +4,10 @@ A run holds its workdir's lock for its whole life; a second run on the same work
 once, naming the holder. A lock left by a killed run on this host (its pid is gone) is taken
 over, and so is a lock left by the same job (`DSNO_JAX_JOB_ID`, which the launchers set) on any
 host: a job relaunched after a hard kill, on a recreated TPU slice or a requeued SLURM job's
-other nodes, is not blocked by its own lock. The lock is reached through three operations, those of a generation-checked object:
-`LocalLockFile` for a local workdir, `CloudLockFile` for a `gs://` one (a create with
-if_generation_match=0, a read that returns the generation, a delete with if_generation_match:
-https://cloud.google.com/storage/docs/request-preconditions).
+other nodes, is not blocked by its own lock. The lock is reached through three operations,
+those of a generation-checked object: `LocalLockFile` for a local workdir, `CloudLockFile` for a
+`gs://` one (a create with if_generation_match=0, a read that returns the generation, a delete
+with if_generation_match: https://cloud.google.com/storage/docs/request-preconditions).
 """
 import contextlib
 import datetime

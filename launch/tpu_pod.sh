@@ -232,8 +232,9 @@ SRC="$(cd "$(dirname "$SELF")/.." && pwd)"
   usage "--config $CONFIG: give a config file of this tree, relative to its root (e.g. configs/cifar10.py)"
 
 # The API knows v5e slices only as v5litepod-N; "v5e-N" would fail only once the request is made.
-[[ "$ACCEL" != v5e-* ]] || \
-  usage "--accelerator $ACCEL: Cloud TPU names v5e slices v5litepod-N: give --accelerator v5litepod-${ACCEL#v5e-}"
+if [[ "$ACCEL" == v5e-* ]]; then
+  usage "--accelerator $ACCEL: Cloud TPU names v5e slices v5litepod-N: give --accelerator ${ACCEL/v5e/v5litepod}"
+fi
 if [[ -z "$VERSION" ]]; then
   case "$ACCEL" in
     v2-*|v3-*|v4-*) VERSION="tpu-ubuntu2204-base" ;;

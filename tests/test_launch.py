@@ -458,8 +458,9 @@ def test_tpu_worker_status_tells_a_restarted_vm_from_a_running_or_finished_job(t
 
 # ------------------------------------------------------------------------------------ SLURM
 def test_slurm_dry_run_for_2_nodes_of_8_gpus():
+  # no scontrol in PATH here: the node list is expanded in python
   env = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "8",
-         "SLURM_JOB_ID": "77", "PATH": os.environ["PATH"]}  # no scontrol here: the node list is expanded in python
+         "SLURM_JOB_ID": "77", "PATH": os.environ["PATH"]}
   code, out, err = run(["bash", "launch/slurm_gpu.sh", "--dry-run", "--workdir", "/shared/r",
                         "--mode", "train", "--", "--config.train.batch_size=2048"], env=env)
   assert code == 0, err
