@@ -531,14 +531,13 @@ while true; do
   esac
 
   query_workers
-  LOST=("${RESTARTED[@]}" "${NONE[@]}" "${PREEMPTED[@]}")
+  LOST=("${RESTARTED[@]}" "${NONE[@]}")
   if ((${#FAILED[@]} > 0 && ${#LOST[@]} > 0)); then
-    # One worker's VM restarted (or its job stopped for a preemption) and the others then died
-    # with "the JAX distributed service detected fatal errors": JAX's coordination service stops
-    # every process once one is lost. The job itself did not fail.
+    # A worker's VM restarted under the job (or its job vanished without a status) and the
+    # others then died with "the JAX distributed service detected fatal errors": JAX's
+    # coordination service stops every process once one is lost. The job itself did not fail.
     say "workers ${FAILED[*]} (worker:status) stopped after the job was lost on workers" \
-        "${LOST[*]} (restarted: ${RESTARTED[*]:-none}; preempted: ${PREEMPTED[*]:-none}):" \
-        "relaunching it, resuming from $WORKDIR"
+        "${LOST[*]} (restarted: ${RESTARTED[*]:-none}): relaunching it, resuming from $WORKDIR"
     relaunch
     continue
   fi
@@ -572,9 +571,8 @@ while true; do
     exit 1
   fi
   if ((${#RUNNING[@]} > 0)); then
-    GONE=("${RESTARTED[@]}" "${NONE[@]}")
-    if ((${#GONE[@]} > 0)); then
-      say "running on ${#RUNNING[@]} of $REPLIES workers; lost on ${GONE[*]}: JAX stops the" \
+    if ((${#LOST[@]} > 0)); then
+      say "running on ${#RUNNING[@]} of $REPLIES workers; lost on ${LOST[*]}: JAX stops the" \
           "others once it notices, then the job is relaunched"
     else
       say "running on ${#RUNNING[@]} of $REPLIES workers"
