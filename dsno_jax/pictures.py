@@ -101,6 +101,18 @@ def _show(ax, pixels):
     ax.imshow(pixels, interpolation="nearest")
 
 
+def _labelled_cells(ax, grid, cell: int, labels: Sequence[str], axis: str):
+  """`grid` (cells of `cell` pixels, 1-pixel gaps) on `ax`, `labels` at the centres of its
+  first cells along `axis` ("x": columns, "y": rows), no ticks along the other."""
+  _show(ax, grid)
+  centres = [(cell + 1) * i + (cell - 1) / 2 for i in range(len(labels))]
+  labelled, other = (ax.xaxis, ax.yaxis) if axis == "x" else (ax.yaxis, ax.xaxis)
+  labelled.set_ticks(centres)
+  labelled.set_ticklabels(labels, fontsize=8)
+  other.set_ticks([])
+  ax.tick_params(length=0)
+
+
 def _save(fig, path: str) -> str:
   buffer = io.BytesIO()
   fig.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
@@ -126,12 +138,8 @@ def plot_trajectories(noise, outputs, save_times: Sequence[float], path: str,
   if logsnrs is not None:
     labels = [labels[0]] + [f"{a}\nlog-SNR {lam:.1f}" for a, lam in zip(labels[1:], logsnrs)]
   fig, ax = plt.subplots(figsize=(1.0 + 1.1 * (k + 1), 0.6 + 1.1 * n))
-  _show(ax, strips)
-  ax.set_xticks([(w + 1) * i + (w - 1) / 2 for i in range(k + 1)])
-  ax.set_xticklabels(labels, fontsize=8)
+  _labelled_cells(ax, strips, w, labels, "x")
   ax.xaxis.tick_top()
-  ax.set_yticks([])
-  ax.tick_params(length=0)
   if title:
     ax.set_xlabel(title, fontsize=8)
   fig.tight_layout()
@@ -145,11 +153,7 @@ def plot_class_grid(images, labels, path: str, title: str = "") -> str:
   h = np.shape(images)[1]
   rows, cols = grid.shape[0] / (h + 1), grid.shape[1] / (np.shape(images)[2] + 1)
   fig, ax = plt.subplots(figsize=(1.2 + 0.55 * cols, 0.5 + 0.55 * rows))
-  _show(ax, grid)
-  ax.set_yticks([(h + 1) * i + (h - 1) / 2 for i in range(len(classes))])
-  ax.set_yticklabels([f"class {c}" for c in classes], fontsize=8)
-  ax.set_xticks([])
-  ax.tick_params(length=0)
+  _labelled_cells(ax, grid, h, [f"class {c}" for c in classes], "y")
   if title:
     ax.set_title(title, fontsize=9)
   fig.tight_layout()
