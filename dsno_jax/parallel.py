@@ -145,21 +145,41 @@ def to_host(tree, mesh: Mesh):
   return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def draw(fn: Callable, params, num_examples: int, batch_size: int, mesh: Mesh) -> Tuple:
-  """fn(params, indices (B,) on `data`) -> a tuple of (B, ...) arrays, for indices
-  0..num_examples-1 in batches of batch_size; returns the tuple as numpy, on every host.
+def round_up_batch(batch_size: int, num_devices: int, *, grad_accum: int = 1,
+                   name: str = "") -> int:
+  """The smallest multiple of num_devices * grad_accum that is >= batch_size: every device gets
+  the same number of examples in every micro-batch. Logs the change under `name` when given."""
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"{name or 'batch size'}={batch_size!r}; expected a positive integer")
+  multiple = num_devices * max(int(grad_accum), 1)
+  rounded = -(-int(batch_size) // multiple) * multiple
+  if name and rounded != batch_size:
+    logging.info("%s=%d rounded up to %d, a multiple of the %d devices%s", name, batch_size,
+                 rounded, num_devices, f" x grad_accum {grad_accum}" if grad_accum > 1 else "")
+  return rounded
 
-  `fn` is jitted by the caller with `params` replicated; the last batch is padded with further
-  indices and trimmed, so every example's value depends only on its index.
+
+def draw(fn: Callable, params, num_examples: int, batch_size: int, mesh: Mesh,
+         columns: Tuple[np.ndarray, ...] = ()) -> Tuple:
+  """fn(params, indices (B,), *column rows (B, ...)) -> a tuple of (B, ...) arrays, on `data`,
+  for indices 0..num_examples-1 in batches of batch_size; returns the tuple as numpy, on every
+  host. `columns`: per-example inputs (num_examples, ...) fed beside the indices.
+
+  `fn` is jitted by the caller with `params` replicated. Batches are rounded up to a multiple of
+  the device count and the last one is filled with further indices (and copies of the last
+  column rows); the extra rows are dropped, so every example's value depends only on its index
+  and columns, whatever the device count and batch size.
   """
-  check_batch_size(batch_size, mesh)
+  batch_size = round_up_batch(batch_size, mesh.devices.size)
   params = jax.device_put(params, replicated(mesh))
   data = batch_sharding(mesh)
   gather = jax.jit(lambda *a: a, out_shardings=replicated(mesh))
   pieces = []
   for start in range(0, num_examples, batch_size):
-    indices = jax.device_put(np.arange(start, start + batch_size, dtype=np.int32), data)
-    outputs = gather(*fn(params, indices))
+    rows = np.minimum(np.arange(start, start + batch_size), num_examples - 1)
+    inputs = [np.arange(start, start + batch_size, dtype=np.int32)]
+    inputs += [np.asarray(column)[rows] for column in columns]
+    outputs = gather(*fn(params, *(jax.device_put(x, data) for x in inputs)))
     pieces.append(tuple(np.asarray(a.addressable_data(0)) for a in outputs))
   return tuple(np.concatenate(p)[:num_examples] for p in zip(*pieces))
 
@@ -209,14 +229,15 @@ def map_local_rows(jitted: Callable, params, fetch: Callable[[np.ndarray], np.nd
   """Runs `jitted` (from `jit_rowwise`) over every device of every host on this process's rows.
 
   fetch(positions (n,)) -> this process's input rows (n, ...) at those positions of
-  0..num_local-1. Each step, every process feeds batch_size / P of its rows, which become one
-  global batch of batch_size on `data`; a short or missing piece is padded with copies of a
-  row, so every step has one shape (one compilation), and the padding is dropped. Yields
+  0..num_local-1. Each step, every process feeds batch_size / P of its rows (batch_size rounded
+  up to a multiple of the device count), which become one global batch on `data`; a short or
+  missing piece is padded with copies of a row, so every step has one shape (one compilation),
+  and the padding is dropped. Yields
   (first position, outputs of that batch's rows as numpy) per batch with rows. The processes
   agree on the number of steps (the largest num_local, one all-gather); each gets back only
   its own rows, with no all-gather of outputs. Every process must call this alike.
   """
-  check_batch_size(batch_size, mesh)
+  batch_size = round_up_batch(batch_size, mesh.devices.size)
   per_process = batch_size // jax.process_count()
   counts = all_processes(np.int32(num_local))
   if counts.min() < 1:

@@ -1,5 +1,5 @@
-"""Pictures people look at: sample grids, labelled trajectory strips, metric-versus-NFE and
-memorisation plots (PNG)."""
+"""Pictures people look at: sample grids (a row per class when labelled), labelled trajectory
+strips, metric-versus-NFE and memorisation plots (PNG)."""
 import io
 import math
 import os
@@ -34,6 +34,33 @@ def image_grid(images, cols: int = 0, gap: int = 1) -> np.ndarray:
     top, left = (i // cols) * (h + gap), (i % cols) * (w + gap)
     grid[top:top + h, left:left + w] = pixels[i]
   return grid
+
+
+CLASS_ROWS = 10  # classes (rows) in a grid by class: the first ones, 0..CLASS_ROWS-1
+
+
+def grid_labels(num_classes: int, per_class: int, max_classes: int = CLASS_ROWS) -> np.ndarray:
+  """Labels of a grid by class: each of the classes 0..R-1, R = min(num_classes, max_classes),
+  `per_class` times in a row; int32 (R * per_class,)."""
+  if num_classes < 2 or per_class < 1:
+    raise ValueError(f"num_classes={num_classes}, per_class={per_class}; expected a "
+                     "class-conditional model (num_classes >= 2) and per_class >= 1")
+  return np.repeat(np.arange(min(num_classes, max_classes), dtype=np.int32), per_class)
+
+
+def class_grid(images, labels, gap: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+  """(uint8 grid, its row classes (R,)): one row per class present in `labels` (N,), in
+  increasing order, each holding that class's images (N, H, W, C) in their order; short rows end
+  in empty cells."""
+  images, labels = np.asarray(images), np.asarray(labels)
+  if labels.shape != images.shape[:1]:
+    raise ValueError(f"labels of shape {labels.shape} for {images.shape[0]} images; expected "
+                     f"({images.shape[0]},)")
+  classes, counts = np.unique(labels, return_counts=True)
+  rows = [image_grid(images[labels == c], cols=int(counts.max()), gap=gap) for c in classes]
+  between = np.full((gap,) + rows[0].shape[1:], GAP_VALUE, np.uint8)
+  stacked = [part for row in rows for part in (row, between)][:-1]
+  return np.concatenate(stacked), classes
 
 
 def save_png(pixels: np.ndarray, path: str, scale: int = 1) -> str:
@@ -74,6 +101,18 @@ def _show(ax, pixels):
     ax.imshow(pixels, interpolation="nearest")
 
 
+def _labelled_cells(ax, grid, cell: int, labels: Sequence[str], axis: str):
+  """`grid` (cells of `cell` pixels, 1-pixel gaps) on `ax`, `labels` at the centres of its
+  first cells along `axis` ("x": columns, "y": rows), no ticks along the other."""
+  _show(ax, grid)
+  centres = [(cell + 1) * i + (cell - 1) / 2 for i in range(len(labels))]
+  labelled, other = (ax.xaxis, ax.yaxis) if axis == "x" else (ax.yaxis, ax.xaxis)
+  labelled.set_ticks(centres)
+  labelled.set_ticklabels(labels, fontsize=8)
+  other.set_ticks([])
+  ax.tick_params(length=0)
+
+
 def _save(fig, path: str) -> str:
   buffer = io.BytesIO()
   fig.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
@@ -99,14 +138,24 @@ def plot_trajectories(noise, outputs, save_times: Sequence[float], path: str,
   if logsnrs is not None:
     labels = [labels[0]] + [f"{a}\nlog-SNR {lam:.1f}" for a, lam in zip(labels[1:], logsnrs)]
   fig, ax = plt.subplots(figsize=(1.0 + 1.1 * (k + 1), 0.6 + 1.1 * n))
-  _show(ax, strips)
-  ax.set_xticks([(w + 1) * i + (w - 1) / 2 for i in range(k + 1)])
-  ax.set_xticklabels(labels, fontsize=8)
+  _labelled_cells(ax, strips, w, labels, "x")
   ax.xaxis.tick_top()
-  ax.set_yticks([])
-  ax.tick_params(length=0)
   if title:
     ax.set_xlabel(title, fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_class_grid(images, labels, path: str, title: str = "") -> str:
+  """`class_grid` as a PNG whose rows are labelled with their class."""
+  plt = _pyplot()
+  grid, classes = class_grid(images, labels)
+  h = np.shape(images)[1]
+  rows, cols = grid.shape[0] / (h + 1), grid.shape[1] / (np.shape(images)[2] + 1)
+  fig, ax = plt.subplots(figsize=(1.2 + 0.55 * cols, 0.5 + 0.55 * rows))
+  _labelled_cells(ax, grid, h, [f"class {c}" for c in classes], "y")
+  if title:
+    ax.set_title(title, fontsize=9)
   fig.tight_layout()
   return _save(fig, path)
 

@@ -1,5 +1,5 @@
 """Evaluation features over the whole mesh: 8 devices give the FID of 1, 2 processes that of 1,
-padding rows never reach the statistics, one compilation serves every batch."""
+padding rows never reach the statistics, one compilation serves every batch, any batch size."""
 import os
 import subprocess
 
@@ -161,9 +161,17 @@ def test_bad_shares_are_refused():
   with pytest.raises(ValueError, match=r"rows per process \[0\]"):
     list(parallel.map_local_rows(parallel.jit_rowwise(lambda p, x: x, helpers.mesh_of(1)), {},
                                  lambda positions: positions, 0, 8, helpers.mesh_of(1)))
-  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-    evaluate.MeshFeatures("FD-digits", classifier.uint8_outputs, classifier_params(),
-                          helpers.mesh_of(8), 12)
+
+
+def test_a_batch_that_divides_no_device_count_is_padded(images, host_features):
+  """eval.batch_size=1000 on 16 devices: each batch is rounded up, its padding dropped."""
+  features = evaluate.MeshFeatures("FD-digits", classifier.uint8_outputs, classifier_params(),
+                                   helpers.mesh_of(8), 13)
+  metric, local, logits = features.local(lambda positions: images[0][positions], NUM_IMAGES,
+                                         "features")
+  assert float(metric.count) == NUM_IMAGES
+  for got, want in zip((local, logits), host_features):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 WORKER = r"""

@@ -257,3 +257,10 @@ def test_storage_round_trips_and_local_copies(emulator, tmp_path, monkeypatch):
   storage.rmtree(root)
   assert not storage.exists(storage.join(root, "b.bin"))
   assert not os.path.exists(os.path.join(os.getcwd(), "gs:"))
+
+
+def test_dsno_jax_load_samples_an_export_in_the_bucket(teacher):
+  import dsno_jax
+  model = dsno_jax.load(teacher)
+  images = model.sample(4, solver="ddim", nfe=2, batch_size=4)
+  assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0

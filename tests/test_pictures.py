@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dsno_jax import pictures
@@ -48,3 +49,52 @@ def test_metric_and_memorization_plots_are_written(tmp_path):
       {"samples": rng.uniform(1, 3, 50), "test": rng.uniform(1, 3, 30)}, pairs,
       np.array([0.5, 0.7, 0.9]), str(tmp_path / "mem.png"), feature_name="digits features")
   assert os.path.getsize(path) > 1000
+
+
+def test_class_grid_has_a_row_per_class_in_order_with_short_rows_left_empty(tmp_path):
+  images = np.stack([np.full((2, 3, 1), 10 * i, np.uint8) for i in range(5)])
+  labels = np.array([7, 2, 7, 7, 2])
+  grid, classes = pictures.class_grid(images, labels)
+  np.testing.assert_array_equal(classes, [2, 7])
+  assert grid.shape == (2 * 2 + 1, 3 * 3 + 2, 1)  # 2 rows (classes), 3 columns (the most)
+  np.testing.assert_array_equal(grid[:2, 0:3, 0], 10)  # class 2: images 1 and 4, in order
+  np.testing.assert_array_equal(grid[:2, 4:7, 0], 40)
+  np.testing.assert_array_equal(grid[:2, 8:, 0], pictures.GAP_VALUE)  # its empty third cell
+  np.testing.assert_array_equal(grid[2], pictures.GAP_VALUE)  # between the rows
+  np.testing.assert_array_equal(grid[3:, 0:3, 0], 0)  # class 7: images 0, 2, 3
+  np.testing.assert_array_equal(grid[3:, 8:, 0], 30)
+  np.testing.assert_array_equal(pictures.grid_labels(1000, 2, max_classes=3), [0, 0, 1, 1, 2, 2])
+  path = pictures.plot_class_grid(images, labels, str(tmp_path / "c.png"), "by class")
+  width, height = Image.open(path).size
+  assert width > 100 and height > 100  # the grid plus its row labels
+  with pytest.raises(ValueError, match=r"labels of shape \(4,\) for 5 images"):
+    pictures.class_grid(images, labels[:4])
+
+
+def test_training_grids_of_a_conditional_run_show_a_row_per_class(tmp_path):
+  """The teacher's and the student's sample grids during training (training.objectives)."""
+  import jax
+  from configs import tiny
+  from dsno_jax.training import objectives, reporting
+  config = tiny.get_config()  # 10 classes
+  noise, labels = objectives.sample_inputs(config, jax.random.PRNGKey(0))
+  per_class = objectives.PER_CLASS
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(10), per_class))
+  assert noise.shape == (10 * per_class, 8, 8, 1)
+  images = np.random.default_rng(0).integers(0, 256, noise.shape, dtype=np.uint8)
+
+  class Writer:  # records what TensorBoard would get
+    def write_images(self, step, images):
+      self.step, self.images = step, images
+
+  writer = Writer()
+  path = reporting.write_samples(writer, str(tmp_path), "teacher", 5, images,
+                                 objectives.sample_labels(config))
+  assert os.path.getsize(path) > 1000
+  grid = writer.images["samples"][0]
+  assert grid.shape == (10 * 9 - 1, per_class * 9 - 1, 1)
+  np.testing.assert_array_equal(grid[9 * 3:9 * 3 + 8, 9:17], images[3 * per_class + 1])  # class 3
+  config.data.num_classes = 1
+  noise, labels = objectives.sample_inputs(config, jax.random.PRNGKey(0))
+  assert labels is None and objectives.sample_labels(config) is None
+  assert noise.shape == (objectives.NUM_SAMPLES, 8, 8, 1)

@@ -28,7 +28,6 @@ class MeshFeatures:
 
   def __init__(self, name: str, apply: Callable, params, mesh, batch_size: int):
     """apply(params, uint8 images (B, H, W, C)) -> (features (B, D), logits (B, K) or None)."""
-    parallel.check_batch_size(batch_size, mesh)
     self.name, self.mesh, self.batch_size = name, mesh, batch_size
     self.params = jax.device_put(params, parallel.replicated(mesh))
     # One jitted function serves the whole evaluation: it compiles once per image shape.
@@ -245,7 +244,8 @@ def evaluate(config, workdir: str) -> Dict:
   teacher rows of config.eval.teacher_rows (none: the student alone)."""
   parallel.initialize_distributed(config)
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.eval.batch_size, mesh)
+  # every pass pads its batches to this multiple of the device count and drops the padding
+  parallel.round_up_batch(config.eval.batch_size, mesh.devices.size, name="eval.batch_size")
   teacher_rows = parse_teacher_rows(config.eval.teacher_rows)
   features = feature_function(config, workdir, mesh)
   name = features.name

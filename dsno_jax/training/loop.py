@@ -195,7 +195,7 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
       if settings.sample_every and done % settings.sample_every == 0 and run.sample:
         sample = parallel.compile_in_lockstep(run.sample, state.ema_params, name="sample")
         images = parallel.to_host(sample(state.ema_params), mesh)
-        reporting.write_samples(writer, workdir, role, done, images)
+        reporting.write_samples(writer, workdir, role, done, images, objective.sample_labels)
       if preempted:
         logging.warning("%s: preempted at step %d; the checkpoint is saved", role, done)
         break

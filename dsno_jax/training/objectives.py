@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsno_jax import diffusion, models, ode
+from dsno_jax import diffusion, models, ode, pictures
 from dsno_jax.data import noise as noise_lib
 from dsno_jax.training import losses
 
-NUM_SAMPLES = 64  # images in a sample grid
+NUM_SAMPLES = 64  # images in the sample grid of an unconditional model
+PER_CLASS = 8  # images per class (row) in the sample grid of a class-conditional model
 
 
 class Objective(NamedTuple):
@@ -19,6 +20,8 @@ class Objective(NamedTuple):
   fresh_params(rng) -> params; traceable (its shapes define checkpoint compatibility).
   start_params(rng) -> params of a new run (may read a teacher from disk).
   sample_fn(params, rng) -> images (N, H, W, C) in [-1, 1], or None for no grids.
+  sample_labels: the labels (N,) of sample_fn's images, drawn as a row per class; None: a
+  plain grid.
   optimizer(settings) -> (optax transformation, learning-rate schedule); None: the paper's Adam
   (state.make_optimizer).
   frozen_params() -> arrays the loss reads but never trains (the refine run's teacher), or None;
@@ -35,6 +38,7 @@ class Objective(NamedTuple):
   sample_fn: Optional[Callable] = None
   optimizer: Optional[Callable] = None
   frozen_params: Optional[Callable] = None
+  sample_labels: Optional[np.ndarray] = None
 
 
 
@@ -46,8 +50,20 @@ def _image_shape(config):
   return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
-def _sample_labels(config, n: int):
-  return jnp.arange(n) % config.data.num_classes if config.data.num_classes > 1 else None
+def sample_labels(config) -> Optional[np.ndarray]:
+  """Labels of a run's sample grid: PER_CLASS of each of the first pictures.CLASS_ROWS
+  classes, so the grid shows a row per class; None when unconditional."""
+  if config.data.num_classes < 2:
+    return None
+  return pictures.grid_labels(config.data.num_classes, PER_CLASS)
+
+
+def sample_inputs(config, rng) -> Tuple[jax.Array, Optional[jax.Array]]:
+  """(noise (N, H, W, C), labels (N,) or None) of a run's sample grid (`sample_labels`)."""
+  labels = sample_labels(config)
+  n = NUM_SAMPLES if labels is None else len(labels)
+  noise = jax.random.normal(rng, (n,) + _image_shape(config))
+  return noise, None if labels is None else jnp.asarray(labels)
 
 
 def teacher_objective(config) -> Objective:
@@ -70,19 +86,20 @@ def teacher_objective(config) -> Objective:
                                logsnr_min=schedule.logsnr_min, logsnr_max=schedule.logsnr_max)
 
   def sample_fn(params, rng):
-    z1 = jax.random.normal(rng, (NUM_SAMPLES,) + _image_shape(config))
+    z1, y = sample_inputs(config, rng)
     # the grid shows the teacher as trajectories will use it: in teacher.dtype
     denoise = diffusion.unet_denoiser(model.clone(dtype=models.build.teacher_dtype(config)),
                                       params, config.teacher.mean_type, config.teacher.clip_x)
     solve = config.trajectory
     x = ode.trajectory(denoise, z1, (0.0,), solver=solve.solver, num_steps=solve.num_steps,
-                       grid=solve.grid, y=_sample_labels(config, NUM_SAMPLES), rtol=solve.rtol,
+                       grid=solve.grid, y=y, rtol=solve.rtol,
                        atol=solve.atol, logsnr_min=schedule.logsnr_min,
                        logsnr_max=schedule.logsnr_max)
     return x[:, -1]
 
   fresh = lambda rng: models.init_teacher(config, rng)
-  return Objective("teacher", settings, loss_fn, fresh, fresh, ("image", "label"), sample_fn)
+  return Objective("teacher", settings, loss_fn, fresh, fresh, ("image", "label"), sample_fn,
+                   sample_labels=sample_labels(config))
 
 
 def student_objective(config, logsnr: Sequence[float],
@@ -118,9 +135,8 @@ def student_objective(config, logsnr: Sequence[float],
     return loss, {f"d_{k}": per_time[k] for k in range(per_time.shape[0])}
 
   def sample_fn(params, rng):
-    noise = jax.random.normal(rng, (NUM_SAMPLES,) + _image_shape(config))
-    out = model.apply({"params": params}, noise, logsnr, _sample_labels(config, NUM_SAMPLES),
-                      train=False)
+    noise, y = sample_inputs(config, rng)
+    out = model.apply({"params": params}, noise, logsnr, y, train=False)
     return out[:, -1]  # the last output time (t = 0): the one-step sample
 
   fresh = lambda rng: models.init_student(config, rng)
@@ -136,4 +152,4 @@ def student_objective(config, logsnr: Sequence[float],
 
   noise_key = "noise" if noise_seed is None else "index"
   return Objective("student", settings, loss_fn, fresh, start, (noise_key, "targets", "label"),
-                   sample_fn)
+                   sample_fn, sample_labels=sample_labels(config))

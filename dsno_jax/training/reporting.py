@@ -52,11 +52,20 @@ def log_parameters(params) -> None:
                                             msg="parameters", jax_logging_process=0)
 
 
-def write_samples(writer, workdir: str, role: str, step: int, images: np.ndarray) -> str:
-  """A PNG grid at WORKDIR/samples/ROLE_STEP.png and a TensorBoard image; returns the path."""
-  grid = pictures.image_grid(images)
+def write_samples(writer, workdir: str, role: str, step: int, images: np.ndarray,
+                  labels=None) -> str:
+  """A PNG grid at WORKDIR/samples/ROLE_STEP.png and a TensorBoard image; returns the path.
+
+  With the images' labels (N,), a row per class, labelled in the PNG.
+  """
   path = Workdir(workdir).training_samples(role, step)
-  if jax.process_index() == 0:
-    pictures.save_png(grid, path)
+  if labels is None:
+    grid = pictures.image_grid(images)
+    if jax.process_index() == 0:
+      pictures.save_png(grid, path)
+  else:
+    grid, _ = pictures.class_grid(images, labels)
+    if jax.process_index() == 0:
+      pictures.plot_class_grid(images, labels, path, f"{role}, step {step}")
   writer.write_images(step, {"samples": grid[None]})
   return path
