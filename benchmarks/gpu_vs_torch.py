@@ -24,8 +24,8 @@ OUR parameters (`load_flax_params`):
             precision as FID uses it, and default precision) against pytorch-fid's
             InceptionV3([3]) built without its weight download and loaded with the same weights
             (TF32 on and off), images/s and the features' agreement.
-The FLOPs of each program come from XLA's cost analysis of the lowered program (as
-benchmarks/gpu.py), the same network arithmetic for both frameworks; the matmul rates (8192^3,
+The FLOPs of each program come from XLA's cost analysis of the lowered program (XLA:GPU's
+compiled count omits cuDNN convolutions), the same network arithmetic for both frameworks; the matmul rates (8192^3,
 bfloat16 and float32 at default precision, JAX and torch) are measured in the same run, and
 MFU = step TFLOP/s / bfloat16 matmul TFLOP/s. Timing: after warm-up, `--repeats` rounds of
 `--iters` back-to-back calls, the implementations interleaved round by round, medians.
@@ -42,10 +42,9 @@ demand here, not 75% up front).
       [--configs cifar10,bench] [--dtypes float32,bfloat16] [--sections models,compile,inception]
       [--repeats 5] [--iters 5] [--torch-compile auto|on|off] [--compile-mode default] [--tiny]
 `--tiny` (a tiny version of each config, batch 2, one round) runs on a CPU in about a minute,
-for the tests. On a CPU without --tiny it measures what a library user gets against the same
-network in PyTorch (`--threads` threads), but in one process and interleaved: torch's OpenMP
-threads suffer more than XLA's pool when the machine is shared, so the CPU table of
-benchmarks/README.md comes from model_throughput.py (PyTorch in its own process after JAX).
+for the tests. On a CPU without --tiny it compares what a library user gets with PyTorch
+(`--threads` threads) in one process, interleaved: torch's OpenMP threads lose more than XLA's
+pool to a shared machine, so quote CPU ratios from a quiet machine only.
 """
 import argparse
 import contextlib
