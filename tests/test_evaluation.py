@@ -106,6 +106,34 @@ def test_pixel_check_flags_exact_shifted_and_contrast_changed_train_copies(digit
   assert held_out["pixel_nn_train_median"] > 0.2
 
 
+def test_memorization_figure_shows_each_models_closest_pairs(digits_u8, tmp_path, monkeypatch):
+  """The refined student's closest pairs are drawn beside DSNO's, each sample with its nearest
+  training image; without a refined export only DSNO's."""
+  train, test = digits_u8
+  flat = lambda images: images.reshape(len(images), -1).astype(np.float64)
+  memorization = evaluate.Memorization(flat(train), flat(test), train, test)
+
+  class Source:
+    def get(self, indices):
+      return train[indices], None
+
+  drawn = []
+  monkeypatch.setattr(evaluate.pictures, "plot_memorization",
+                      lambda distances, pairs, path, **kwargs: drawn.append((distances, pairs)))
+  copies = train[100:120]
+  evaluate.plot_memorization(memorization, {"DSNO": test[:40], "DSNO refined": copies},
+                             Source(), "test images", str(tmp_path / "m.png"))
+  evaluate.plot_memorization(memorization, {"DSNO": test[:40], "DSNO refined": None},
+                             Source(), "test images", str(tmp_path / "m.png"))
+  (distances, pairs), (_, dsno_only) = drawn
+  assert list(pairs) == ["DSNO", "DSNO refined"] and list(dsno_only) == ["DSNO"]
+  assert list(distances) == ["DSNO samples", "DSNO refined samples", "test images"]
+  refined_pairs, refined_distances = pairs["DSNO refined"]
+  assert refined_pairs.shape == (evaluate.CLOSEST_PAIRS, 2, 8, 8, 1)
+  np.testing.assert_array_equal(refined_pairs[:, 0], refined_pairs[:, 1])  # copies found
+  assert refined_distances.max() < 1e-3 < pairs["DSNO"][1].min()
+
+
 def test_near_copy_threshold_is_a_fitted_percentile_of_all_held_out_distances():
   """On log-normal distances the fitted 1st percentile is near the true one, and over
   resamples it varies less than the empirical percentile (the 4th-smallest of 360)."""
