@@ -442,7 +442,7 @@ def plot_memorization(memorization: Memorization, samples: Dict[str, Optional[np
                     nearest[closest])
   distances[held_out] = memorization.test_pixel_distances
   return pictures.plot_memorization(
-      distances, pairs, path, feature_name="pixels: centre, 1-pixel shifts, unit norm",
+      distances, pairs, path, feature_name="pixels, shift-tolerant",
       title="Do the one-step students copy their training images?")
 
 
