@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,26 +31,31 @@ COLUMNS = (
     ("pixel_near_copies", "near copies, pixels"),
     ("nn_ratio_copies", "copies, pixels (ratio < 1/3)"),
 )
-SHARES = {"near_copies", "pixel_near_copies", "nn_ratio_copies"}  # printed as percentages
 
 
-def run_seed(config: str, root: str, seed: int, overrides: Sequence[str]) -> float:
-  """Runs (or finishes) the pipeline of one seed in ROOT/seed_SEED; returns its wall seconds."""
+def run_seed(config: str, root: str, seed: int, overrides: Sequence[str]) -> dict:
+  """Runs (or finishes) the pipeline of one seed in ROOT/seed_SEED: its wall seconds and the
+  stage times the pipeline printed."""
   workdir = os.path.join(root, f"seed_{seed}")
   os.makedirs(workdir, exist_ok=True)
   command = [sys.executable, "-m", "dsno_jax.main", f"--config={config}",
              f"--workdir={workdir}", "--mode=pipeline", f"--config.seed={seed}"]
   command += [f"--config.{o}" for o in overrides]
-  start = time.time()
-  with open(os.path.join(workdir, "pipeline.log"), "a") as log:
+  start, path = time.time(), os.path.join(workdir, "pipeline.log")
+  with open(path, "a") as log:
+    offset = log.tell()
     print(f"seed {seed}: {' '.join(command)}", flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
   if done.returncode:
     raise SystemExit(f"seed {seed}: the pipeline exited with status {done.returncode}; its "
-                     f"console is in {os.path.join(workdir, 'pipeline.log')}")
-  return time.time() - start
+                     f"console is in {path}")
+  with open(path) as f:
+    f.seek(offset)
+    printed = f.read().split("pipeline stages:")[-1]
+  return {"wall_s": time.time() - start,
+          "stages": dict(re.findall(r"^  (\w+)\s+(\d+ s|skipped)$", printed, re.M))}
 
 
 def load_results(root: str, seeds: Sequence[int]) -> Dict[int, dict]:
@@ -114,7 +120,7 @@ def markdown(summary: List[dict], metric: str, seeds: Sequence[int]) -> str:
     model = row["model"] + (f" ({len(row['seeds'])} seeds)"
                             if len(row["seeds"]) != len(seeds) else "")
     line = f"| {model} | {row['solver']} | {nfe} | {_cell(cols['metric'])} |"
-    line += "".join(f" {_cell(cols[c], share=c in SHARES) if c in cols else '-'} |"
+    line += "".join(f" {_cell(cols[c], share=c.endswith('copies')) if c in cols else '-'} |"
                     for c, _ in columns)
     lines.append(line)
   return "\n".join(lines)
@@ -134,10 +140,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if len(set(args.seeds)) != len(args.seeds):
     raise SystemExit(f"--seeds {args.seeds} repeats a seed")
-  wall = {}
+  runs = {}
   if not args.table_only:
     for seed in args.seeds:
-      wall[seed] = run_seed(args.config, os.path.abspath(args.root), seed, args.set)
+      runs[seed] = run_seed(args.config, os.path.abspath(args.root), seed, args.set)
+      print(f"seed {seed}: {runs[seed]['wall_s']:.0f} s; stages {runs[seed]['stages']}")
   results = load_results(args.root, args.seeds)
   summary = summarise(results)
   metric = next(iter(results.values()))["metric"]
@@ -146,7 +153,7 @@ def main(argv=None):
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out + ".json", "w") as f:
     json.dump({"config": args.config, "overrides": args.set, "seeds": args.seeds,
-               "wall_s": wall, "metric": metric, "summary": summary,
+               "runs": runs, "metric": metric, "summary": summary,
                "results": {str(s): r for s, r in results.items()}}, f, indent=1)
   with open(args.out + ".md", "w") as f:
     f.write(table + "\n")
