@@ -19,7 +19,8 @@ from dsno_jax.teachers import loading
 from dsno_jax.workdir import Workdir
 
 CLOSEST_PAIRS = 8  # pairs shown in memorization.png
-NEAR_COPY_PERCENTILE = 1.0  # a sample nearer to the train split than this % of test images is a near copy
+# A sample nearer to the train split than this % of the held-out test images is a near copy.
+NEAR_COPY_PERCENTILE = 1.0
 # A sample nearer to one training image than this fraction of its distance to the second-nearest
 # is a copy of it: the criterion of Yoon et al. 2023 and Gu et al. 2023 ("On Memorization in
 # Diffusion Models", arXiv:2310.02664), in pixel space as there.
@@ -366,8 +367,8 @@ def evaluate(config, workdir: str) -> Dict:
   _, labels, outputs = sampling.draw_samples(exported, params, config.eval.num_samples, batch,
                                              mesh)
   student_images = pictures.to_uint8(outputs[:, -1])
-  student, _ = score(student_images, labels if conditional else None, features,
-                                   reference, memorization, what="DSNO")
+  student, _ = score(student_images, labels if conditional else None, features, reference,
+                     memorization, what="DSNO")
   rows.append({"model": "DSNO", "solver": "one step", "nfe": 1, **student})
   logging.info("DSNO one step: %s %.4g", name, student["metric"])
 
