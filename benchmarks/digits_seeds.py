@@ -78,15 +78,16 @@ def _mean_std(values: List[float]) -> Dict[str, float]:
 
 
 def summarise(results: Dict[int, dict]) -> List[dict]:
-  """One entry per (model, solver) row of the seeds' tables, in the first seed's order: the NFE
-  and every measured column as {mean, std (sample, n - 1), n, values in seed order}."""
+  """One entry per row of the seeds' tables (model, solver and, unless adaptive, NFE), in the
+  first seed's order: the NFE and every measured column as {mean, std (sample, n - 1), n,
+  values in seed order}."""
   metrics = {r["metric"] for r in results.values()}
   if len(metrics) != 1:
     raise ValueError(f"the seeds' results use different metrics {sorted(metrics)}")
   order, rows = [], {}
   for seed, result in results.items():
     for row in result["rows"]:
-      key = (row["model"], row["solver"])
+      key = (row["model"], row["solver"], None if row.get("adaptive") else row["nfe"])
       if key not in rows:
         order.append(key)
         rows[key] = {"model": row["model"], "solver": row["solver"],

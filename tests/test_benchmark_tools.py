@@ -138,7 +138,7 @@ def write_results(root, seed, rows, metric="FD-digits"):
 
 
 def test_digits_seeds_tables_each_rows_mean_and_std_over_seeds(tmp_path, capsys):
-  """Three fake results.json files: each (model, solver) row gets its mean and sample standard
+  """Three fake results.json files: each (model, solver, NFE) row gets its mean and sample standard
   deviation over the seeds, a row missing from a seed says how many seeds it has, and the JSON
   and markdown are written."""
   metric = {0: 2.5, 1: 2.3, 2: 2.2}
@@ -148,17 +148,20 @@ def test_digits_seeds_tables_each_rows_mean_and_std_over_seeds(tmp_path, capsys)
              "pixel_near_copies": 0.01 * seed, "nn_ratio_copies": 0.0},
             {"model": "teacher", "solver": "dopri5 (tol 0.0001)", "nfe": 180.0 + seed,
              "adaptive": True, "metric": 2.0 + seed, "class_accuracy": 0.97}]
+    rows += [{"model": "teacher", "solver": "ddim", "nfe": nfe, "metric": 10.0 / nfe + seed}
+             for nfe in (2, 8)]
     if seed != 1:
       rows.append({"model": "DSNO refined", "solver": "one step", "nfe": 1, "metric": 2.0})
     write_results(tmp_path, seed, rows)
   out = tmp_path / "summary"
   summary = digits_seeds.main(["--root", str(tmp_path), "--seeds", "0", "1", "2",
                                "--table-only", "--out", str(out)])
-  dsno, teacher, refined = summary
+  dsno, teacher, ddim2, ddim8, refined = summary
   assert (dsno["model"], refined["model"], refined["seeds"]) == ("DSNO", "DSNO refined", [0, 2])
   assert dsno["columns"]["metric"]["mean"] == pytest.approx(np.mean([2.5, 2.3, 2.2]))
   assert dsno["columns"]["metric"]["std"] == pytest.approx(np.std([2.5, 2.3, 2.2], ddof=1))
   assert teacher["columns"]["nfe"]["mean"] == pytest.approx(181.0)
+  assert [r["columns"]["metric"]["mean"] for r in (ddim2, ddim8)] == pytest.approx([6.0, 2.25])
   table = capsys.readouterr().out
   assert "| DSNO | one step | 1 | 2.333 ± 0.153 | 0.980 ± 0.010 |" in table
   assert "| DSNO refined (2 seeds) | one step | 1 | 2.000 ± 0.000 |" in table
