@@ -24,28 +24,26 @@ OUR parameters (`load_flax_params`):
             precision as FID uses it, and default precision) against pytorch-fid's
             InceptionV3([3]) built without its weight download and loaded with the same weights
             (TF32 on and off), images/s and the features' agreement.
-The FLOPs of each program come from XLA's cost analysis of the lowered program (as
-benchmarks/gpu.py), the same network arithmetic for both frameworks; the matmul rates (8192^3,
-bfloat16 and float32 at default precision, JAX and torch) are measured in the same run, and
-MFU = step TFLOP/s / bfloat16 matmul TFLOP/s. Timing: after warm-up, `--repeats` rounds of
+FLOPs: XLA's cost analysis of the lowered program (XLA:GPU's compiled count omits cuDNN
+convolutions), the same arithmetic for both frameworks; the matmul rates (8192^3, bfloat16 and
+float32 at default precision, JAX and torch) are measured in the same run, and MFU = step
+TFLOP/s / bfloat16 matmul TFLOP/s. Timing: after warm-up, `--repeats` rounds of
 `--iters` back-to-back calls, the implementations interleaved round by round, medians.
 
-Jobs run in priority order (CIFAR-10's check, float32 and bfloat16; Inception; torch.compile
-of the CIFAR-10 bfloat16 step; the bench config; the other torch.compile runs); a job starts
-only if its estimated time fits in what is left of `--budget-s` (counted from the process's
-start), and torch.compile is stopped (SIGALRM) when the budget runs out or after
-`--compile-cap-s`. Skipped jobs are listed, failures are caught and reported; the JSON is
-rewritten after every job. JAX and torch share the process (and the card: JAX allocates on
-demand here, not 75% up front).
+Jobs run in priority order (CIFAR-10's check, float32, bfloat16; Inception; torch.compile of
+the CIFAR-10 bfloat16 step; the bench config; the other torch.compile runs), each only if its
+estimated time fits in what is left of `--budget-s` (counted from the start; torch.compile is
+stopped by SIGALRM then, or after `--compile-cap-s`). Skipped jobs are listed, failures caught
+and reported, the JSON rewritten after every job. JAX and torch share the process and the card
+(JAX allocates on demand here).
 
   python benchmarks/gpu_vs_torch.py [--budget-s 420] [--out benchmarks/results/gpu_vs_torch.json]
       [--configs cifar10,bench] [--dtypes float32,bfloat16] [--sections models,compile,inception]
       [--repeats 5] [--iters 5] [--torch-compile auto|on|off] [--compile-mode default] [--tiny]
 `--tiny` (a tiny version of each config, batch 2, one round) runs on a CPU in about a minute,
-for the tests. On a CPU without --tiny it measures what a library user gets against the same
-network in PyTorch (`--threads` threads), but in one process and interleaved: torch's OpenMP
-threads suffer more than XLA's pool when the machine is shared, so the CPU table of
-benchmarks/README.md comes from model_throughput.py (PyTorch in its own process after JAX).
+for the tests. On a CPU without --tiny it compares what a library user gets with PyTorch
+(`--threads` threads) in one process, interleaved: torch's OpenMP threads lose more than XLA's
+pool to a shared machine, so quote CPU ratios from a quiet machine only.
 """
 import argparse
 import contextlib

@@ -1,16 +1,15 @@
-"""Teacher ODE solvers: accuracy against NFE on the exact digits-mixture teacher, and UNet speed.
+"""How accurate is each teacher ODE solver at a given NFE? Measured on the exact digits-mixture
+teacher.
 
-  python benchmarks/solvers.py [--out benchmarks/results/] [--skip_unet]
+  python benchmarks/solvers.py [--out benchmarks/results/] [--num_draws 64]
 
-Part 1: RMSE of the final x-hat (t=0) of every solver and grid against a float64 Dopri8
+RMSE of the final x-hat (t=0) of every solver and grid against a float64 Dopri8
 solve at tolerance 1e-10, on 64 noise draws of the 10-component digits mixture (64 dims,
 exact denoiser), for NFE 8..1024 and adaptive Tsit5/Dopri5 at several tolerances. The fixed-step
 solvers are DDIM, DPM-Solver++(2M)/(3M) as published (dpmpp2m, dpmpp3m) and the project's
 VP-angle variant (phi2m, phi3m); NFE counts every network evaluation (the x-hat at t=0 costs
 none). Reports the NFE at which each solver first reaches the accuracy of DDIM with 512
-uniform-t steps.
-Part 2: trajectories/s of a randomly initialised UNet teacher (the bench configuration,
-batch 8) with DDIM at a few step counts. Prints tables; writes solvers.json and solvers.png.
+uniform-t steps. Prints tables; writes solvers.json and solvers.png.
 """
 import argparse
 import json
@@ -21,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import base
-from dsno_jax import diffusion, models, ode, teachers
+from dsno_jax import ode, teachers
 
 NFES = (8, 16, 32, 64, 128, 256, 512, 1024)
 TOLERANCES = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
@@ -88,41 +86,6 @@ def nfe_to_reach(curve, target):
   return None, None
 
 
-def bench_config():
-  """The bench configuration (configs/bench.py): 32x32x3, ch 64, (1, 2, 2), attention at 16."""
-  config = base.get_config()
-  config.data.image_size, config.data.channels, config.data.num_classes = 32, 3, 1
-  model = config.model
-  model.ch, model.emb_ch, model.ch_mult, model.num_res_blocks = 64, 256, (1, 2, 2), 2
-  model.attn_resolutions, model.num_heads = (16,), 1
-  return config
-
-
-def unet_speed(step_counts, batch=8):
-  """[(steps, nfe incl. targets, compile s, run s, trajectories/s)] of DDIM on the bench UNet."""
-  config = bench_config()
-  params = models.init_teacher(config, jax.random.PRNGKey(0))
-  denoise = diffusion.unet_denoiser(models.teacher_from_config(config), params, "x")
-  z1 = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
-  save_times = tuple(config.trajectory.save_times)
-  rows = []
-  for steps in step_counts:
-    run = jax.jit(lambda z, steps=steps: ode.trajectory(
-        denoise, z, save_times, solver="ddim", num_steps=steps))
-    start = time.perf_counter()
-    compiled = run.lower(z1).compile()
-    compile_s = time.perf_counter() - start
-    run_s = float("inf")
-    for _ in range(2):  # the first run warms up; keep the faster (the machine is shared)
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(z1))
-      run_s = min(run_s, time.perf_counter() - start)
-    rows.append((steps, ode.nfe("ddim", steps, "uniform_t", save_times)
-                 + ode.target_nfe("ddim", save_times),
-                 compile_s, run_s, batch / run_s))
-  return rows
-
-
 def plot(path, fixed, adaptive, target):
   import matplotlib
   matplotlib.use("Agg")
@@ -151,8 +114,6 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--num_draws", type=int, default=64)
-  parser.add_argument("--unet_steps", default="8,16", help="comma-separated DDIM step counts")
-  parser.add_argument("--skip_unet", action="store_true")
   parser.add_argument("--grids", default=",".join(ode.GRIDS), help="comma-separated grids")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -184,15 +145,6 @@ def main():
     print(f"{'':7s} reaches DDIM-512 at {'-' if crossing is None else f'{crossing:.0f} NFE'}")
   print(f"\nDDIM-512 (uniform_t) RMSE {target:.2e}")
 
-  unet = []
-  if not args.skip_unet:
-    steps = tuple(int(s) for s in args.unet_steps.split(","))
-    unet = unet_speed(steps)
-    print("\nUNet teacher (32x32x3, ch 64, (1,2,2), 2 blocks, attn 16; random params; batch 8), DDIM")
-    print(f"{'steps':>5s} {'NFE+targets':>11s} {'compile s':>9s} {'run s':>7s} {'traj/s':>7s}")
-    for s, n, c, r, tps in unet:
-      print(f"{s:5d} {n:11d} {c:9.1f} {r:7.2f} {tps:7.2f}")
-
   results = {
       "device": str(jax.devices()[0]), "num_draws": args.num_draws,
       "reference": {"solver": "dopri8", "dtype": "float64", "tol": REFERENCE_TOL,
@@ -202,8 +154,6 @@ def main():
                      for s, gr in fixed.items()},
       "adaptive": {s: [dict(tol=t, nfe=n, rmse=e) for t, n, e in rows] for s, rows in adaptive.items()},
       "nfe_to_reach_ddim512": reach,
-      "unet_ddim": [dict(steps=s, nfe_with_targets=n, compile_s=c, run_s=r, trajectories_per_s=t)
-                    for s, n, c, r, t in unet],
       "wall_s": time.perf_counter() - start,
   }
   with open(os.path.join(args.out, "solvers.json"), "w") as f:

@@ -9,32 +9,13 @@ class conditioning; and `load_flax_params` copies OUR parameters into it, so tha
 same weights (benchmarks/gpu_vs_torch.py checks the outputs agree before timing anything;
 tests/test_benchmark_tools.py checks it on the CPU). Attention uses
 F.scaled_dot_product_attention. TimeConv runs in float32 (as ours), outside autocast.
-
-Run as a script, the CPU reference of benchmarks/model_throughput.py on the bench config
-(32x32x3, ch 64, ch_mult (1, 2, 2), K = 4, batch 8), random torch-default weights, the
-parameter count asserted equal to our Flax student's. Timed, after `--warmup` calls, as the
-median of `--repeats`: a no-grad forward of noise (B, C, H, W) at the K save log-SNRs ->
-(B, K, C, H, W); a train step (forward, MSE to random targets, backward, torch.optim.Adam step).
-Prints a markdown table; writes JSON to --out.
-
-  python benchmarks/torch_reference.py [--threads 2] [--repeats 5]
-      [--out benchmarks/results/torch_reference.json]
 """
-import argparse
-import json
 import math
-import os
-import statistics
-import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 LOGSNR_INPUTS = {
     "inv_cos": lambda l, lo, hi: torch.atan(torch.exp(-0.5 * l.clamp(-20, 20))) / (0.5 * math.pi),
@@ -377,83 +358,6 @@ def load_flax_params(model: DSNO, params) -> DSNO:
   if missing:
     raise ValueError(f"torch parameters without a value from ours: {missing}")
   return model
-
-
-def jax_student_params(config) -> int:
-  from dsno_jax import models
-  return models.count_params(models.param_shapes(models.init_student, config))
-
-
-def median_time(fn, warmup, repeats):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
-
-
-def run(args):
-  from configs import bench
-  from dsno_jax import diffusion
-  config = bench.get_config()
-  ours = jax_student_params(config)  # before timing: JAX stays idle afterwards
-  torch.manual_seed(0)
-  torch.set_num_threads(args.threads)
-  b, s, c = config.train.batch_size, config.data.image_size, config.data.channels
-  logsnr = torch.tensor(diffusion.save_logsnrs(config))
-  k = logsnr.shape[0]
-  model = DSNO.from_config(config)
-  params = sum(p.numel() for p in model.parameters())
-  assert params == ours, f"torch model has {params:,} parameters, our Flax student {ours:,}"
-  noise, targets = torch.randn(b, c, s, s), torch.randn(b, k, c, s, s)
-  opt = torch.optim.Adam(model.parameters(), lr=config.train.learning_rate)
-
-  def forward():
-    with torch.no_grad():
-      out = model(noise, logsnr)
-    assert out.shape == (b, k, c, s, s), out.shape
-
-  def train_step():
-    opt.zero_grad(set_to_none=True)
-    loss = F.mse_loss(model(noise, logsnr), targets)
-    loss.backward()
-    opt.step()
-
-  model.eval()
-  fwd, fwd_times = median_time(forward, args.warmup, args.repeats)
-  model.train()
-  step, step_times = median_time(train_step, args.warmup, args.repeats)
-  return dict(impl="torch", torch_version=torch.__version__, threads=args.threads,
-              forward_s=fwd, train_step_s=step, params=params, jax_student_params=ours,
-              batch=b, num_times=k, image_size=s, warmup=args.warmup, repeats=args.repeats,
-              forward_times_s=fwd_times, train_step_times_s=step_times)
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--out",
-                      default=os.path.join("benchmarks", "results", "torch_reference.json"))
-  args = parser.parse_args()
-  r = run(args)
-  print("| impl | threads | forward s | train step s | params |")
-  print("|---|---|---|---|---|")
-  print(f"| torch {r['torch_version']} (CPU, NCHW) | {r['threads']} | {r['forward_s']:.3f} | "
-        f"{r['train_step_s']:.3f} | {r['params']:,} |")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(r, f, indent=1)
-  print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-  main()
 
 
 # --- pytorch-fid's Inception, random weights ---------------------------------------------------

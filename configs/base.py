@@ -169,6 +169,9 @@ def get_config():
   # host memory (50k x 2048 floats for CIFAR-10), so off by default
   evaluation.memorization = False
   evaluation.classifier_steps = 600  # optimiser steps of the FD-digits classifier
+  # Seed of the FD-digits classifier, fixed apart from config.seed so that runs with different
+  # seeds are scored by the same features and their FD-digits compare.
+  evaluation.classifier_seed = 0
   evaluation.reference_stats = ""  # .npz with mu and sigma; "" = computed from data
   evaluation.inception_weights = ""  # converted inception_fid.npz
 

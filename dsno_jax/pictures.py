@@ -160,13 +160,16 @@ def plot_class_grid(images, labels, path: str, title: str = "") -> str:
   return _save(fig, path)
 
 
-def plot_memorization(distances: Dict[str, np.ndarray], pairs: np.ndarray, pair_distances,
-                      path: str, *, feature_name: str, title: str = "") -> str:
+def plot_memorization(distances: Dict[str, np.ndarray],
+                      pairs: Dict[str, Tuple[np.ndarray, np.ndarray]], path: str, *,
+                      feature_name: str, title: str = "") -> str:
   """Histograms of nearest-training-image distances (one per set, e.g. samples and held-out
-  test images) beside the closest pairs: a row per pair, the sample then its nearest
-  training image. pairs uint8 (P, 2, H, W, C); pair_distances (P,)."""
+  test images) beside each model's closest pairs: a row per pair, the sample then its nearest
+  training image. pairs {model: (uint8 (P, 2, H, W, C), distances (P,))}."""
   plt = _pyplot()
-  fig, (hist, grid) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [3, 2]})
+  fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(5.5 + 2 * len(pairs), 4),
+                           gridspec_kw={"width_ratios": [3] + [2] * len(pairs)}, squeeze=False)
+  hist = axes[0, 0]
   values = [np.asarray(v) for v in distances.values()]
   bins = np.linspace(0.0, max(float(v.max()) for v in values) * 1.02, 40)
   for name, value in zip(distances, values):
@@ -175,17 +178,17 @@ def plot_memorization(distances: Dict[str, np.ndarray], pairs: np.ndarray, pair_
   hist.set_xlabel(f"distance to the nearest training image ({feature_name})")
   hist.set_ylabel("density")
   hist.legend(fontsize=8)
-  pairs = np.asarray(pairs)
-  p = pairs.shape[0]
-  _show(grid, image_grid(pairs.reshape((2 * p,) + pairs.shape[2:]), cols=2))
-  h = pairs.shape[2]
-  grid.set_yticks([(h + 1) * i + (h - 1) / 2 for i in range(p)])
-  grid.set_yticklabels([f"{d:.3g}" for d in np.asarray(pair_distances)], fontsize=7)
-  grid.set_xticks([(pairs.shape[3] - 1) / 2, pairs.shape[3] + 1 + (pairs.shape[3] - 1) / 2])
-  grid.set_xticklabels(["sample", "train"], fontsize=7)
-  grid.tick_params(length=0)
-  grid.set_ylabel("distance", fontsize=8)
-  grid.set_title("closest pairs", fontsize=9)
+  for grid, (model, (model_pairs, pair_distances)) in zip(axes[0, 1:], pairs.items()):
+    model_pairs = np.asarray(model_pairs)
+    p, _, h, w = model_pairs.shape[:4]
+    _show(grid, image_grid(model_pairs.reshape((2 * p,) + model_pairs.shape[2:]), cols=2))
+    grid.set_yticks([(h + 1) * i + (h - 1) / 2 for i in range(p)])
+    grid.set_yticklabels([f"{d:.3g}" for d in np.asarray(pair_distances)], fontsize=7)
+    grid.set_xticks([(w - 1) / 2, w + 1 + (w - 1) / 2])
+    grid.set_xticklabels(["sample", "train"], fontsize=7)
+    grid.tick_params(length=0)
+    grid.set_ylabel("distance", fontsize=8)
+    grid.set_title(f"{model}: closest pairs", fontsize=9)
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()

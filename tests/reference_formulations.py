@@ -3,7 +3,6 @@
 `group_norm_film_plain` computes GroupNorm+FiLM+swish as flax's nn.GroupNorm does;
 `plain_group_norms()` makes every models.norm.GroupNorm inside a model compute it that way
 (flax method interception), so a whole model can be compared without a switch in it.
-benchmarks/ imports these too, to time the plain formulation against the package's.
 """
 import contextlib
 import inspect

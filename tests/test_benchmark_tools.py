@@ -1,6 +1,5 @@
-"""benchmarks/: gpu.py's trace summary and FLOP count, the candidate formulations (conv.py's
-Winograd, candidates.py's shifted kernel gradient and plain norms), on data made here (no
-accelerator needed)."""
+"""benchmarks/: digits_seeds.py's table over seeds, the PyTorch reference network and
+gpu_vs_torch.py end to end, on data made here (no accelerator needed)."""
 import gzip
 import json
 import os
@@ -17,165 +16,8 @@ from dsno_jax import diffusion, models
 from param_utils import assert_trees_close, random_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-import candidates  # noqa: E402
-import conv as conv_bench  # noqa: E402
-import gpu  # noqa: E402
-import model_throughput as mt  # noqa: E402
+import digits_seeds  # noqa: E402
 
-
-def write_trace(path, events, meta=None):
-  meta = meta if meta is not None else [
-      {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
-      {"ph": "M", "pid": 1, "tid": 10, "name": "thread_name",
-       "args": {"name": "Stream #14(Compute)"}},
-      {"ph": "M", "pid": 1, "tid": 11, "name": "thread_name", "args": {"name": "XLA Ops"}},
-      {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
-      {"ph": "M", "pid": 2, "tid": 20, "name": "thread_name", "args": {"name": "python"}},
-  ]
-  with gzip.open(path, "wt") as f:
-    json.dump({"traceEvents": meta + events}, f)
-
-
-def event(pid, tid, name, dur_us):
-  return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": 0, "dur": dur_us}
-
-
-def test_trace_summary_counts_stream_kernels_only(tmp_path):
-  path = str(tmp_path / "perfetto_trace.json.gz")
-  write_trace(path, [
-      event(1, 10, "sm90_xmma_wgrad_implicit_gemm_f32", 3000.0),   # convolution, 3 ms
-      event(1, 10, "sm90_xmma_gemm_f32f32_tf32", 1000.0),          # matmul
-      event(1, 10, "loop_convert_fusion", 500.0),                  # not a convolution
-      event(1, 10, "input_reduce_fusion_2", 250.0),
-      event(1, 10, "sm90_xmma_wgrad_implicit_gemm_f32", 3000.0),   # same kernel again
-      event(1, 11, "fusion.12", 99000.0),    # derived 'XLA Ops' line: repeats the kernels
-      event(2, 20, "PjitFunction(step)", 99000.0),                 # host
-  ])
-  s = gpu.summarise_trace(path, steps=2)
-  assert s["tracks"] == ["/device:GPU:0 / Stream #14(Compute)"]
-  assert s["kernels"] == 4
-  assert s["device_busy_ms_per_step"] == pytest.approx((6000 + 1000 + 500 + 250) / 1e3 / 2)
-  assert s["by_kind_ms_per_step"] == pytest.approx(
-      {"convolution": 3.0, "matmul": 0.5, "elementwise fusion": 0.25, "reduction": 0.125})
-  assert s["top_kernels_ms_per_step"][0] == ("sm90_xmma_wgrad_implicit_gemm_f32", 3.0)
-
-
-def test_cpu_trace_summary_counts_ops_not_their_wrappers(tmp_path):
-  path = str(tmp_path / "perfetto_trace.json.gz")
-  cpu = [{"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/host:CPU"}},
-         {"ph": "M", "pid": 3, "tid": 30, "name": "thread_name",
-          "args": {"name": "tf_XLAEigen/123"}}]
-  write_trace(path, meta=cpu, events=[
-      event(3, 30, "ThunkExecutor::Execute", 9000.0),    # wraps the ops below
-      event(3, 30, "ynn_fusion.7", 4000.0),
-      event(3, 30, "end: ynn_fusion.7", 1.0),
-      event(3, 30, "transpose_copy_fusion.3", 2000.0),
-      event(3, 30, "SlinkyThreadPool::Await", 500.0),
-      event(3, 30, "add_multiply_fusion", 1000.0),
-      event(2, 20, "PjitFunction(step)", 99000.0),       # the python thread
-  ])
-  s = gpu.summarise_trace(path, steps=1)
-  assert s["kernels"] == 3 and s["device_busy_ms_per_step"] == pytest.approx(7.0)
-  assert s["by_kind_ms_per_step"] == pytest.approx({
-      "YNNPACK fusion (convolution, matmul, reduction)": 4.0, "copy/transpose": 2.0,
-      "elementwise fusion": 1.0})
-
-
-def test_model_flops_match_the_compiled_count_and_grow_with_the_batch():
-  """The lowered programs' FLOPs (what gpu.py reports on every backend) agree with the CPU's
-  compiled count within 2%, and the step's FLOPs are affine in the batch."""
-  flops = {}
-  for batch in (1, 2, 3):
-    prog = mt.student_programs(mt.bench_config("float32", "plain", gpu.student_config("tiny"),
-                                               batch), "plain")
-    flops[batch] = mt.model_flops(prog)
-  prog = mt.student_programs(mt.bench_config("float32", "plain", gpu.student_config("tiny"), 2),
-                             "plain")
-  compiled = mt.flops_of(prog["forward"].lower(prog["params"], prog["noise"]).compile())
-  assert flops[2][0] == pytest.approx(compiled, rel=0.02)
-  step = [flops[b][1] for b in (1, 2, 3)]
-  assert step[1] - step[0] == pytest.approx(step[2] - step[1], rel=1e-3)
-  assert step[1] > step[0] > 0 and flops[1][1] > 2 * flops[1][0]  # backward costs more
-
-
-@pytest.mark.parametrize("shape", [(2, 7, 5, 3, 4), (1, 8, 8, 4, 6), (3, 6, 9, 2, 2)])
-def test_winograd_candidate_equals_xla_convolution(shape):
-  """conv.py's Winograd F(2x2, 3x3) timings only mean something if it computes the same
-  convolution: outputs and both gradients within 1e-5 relative, odd sizes included."""
-  n, h, w, c, o = shape
-  rng = np.random.default_rng(0)
-  x = jax.numpy.asarray(rng.standard_normal((n, h, w, c)), jax.numpy.float32)
-  k = jax.numpy.asarray(rng.standard_normal((3, 3, c, o)), jax.numpy.float32)
-  g = jax.numpy.asarray(rng.standard_normal((n, h, w, o)), jax.numpy.float32)
-  xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  ref, ref_vjp = jax.vjp(xla, x, k)
-  out, out_vjp = jax.vjp(conv_bench.winograd_conv, x, k)
-  for a, b in zip((out,) + out_vjp(g), (ref,) + ref_vjp(g)):
-    assert a.shape == b.shape
-    np.testing.assert_array_less(np.max(np.abs(a - b)) / np.max(np.abs(b)), 1e-5)
-
-
-def value_and_grads(fn, *args):
-  """fn's output and the gradient of sum(sin(output)) with respect to every argument."""
-  out = jax.jit(fn)(*args)
-  grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(len(args)))))(
-      *args)
-  return out, grads
-
-
-@pytest.mark.parametrize("shape,features,kernel,strides,padding", [
-    ((2, 8, 8, 3), 5, (3, 3), (1, 1), "SAME"),
-    ((3, 9, 7, 4), 6, (3, 3), (1, 1), "SAME"),
-    ((2, 8, 8, 4), 4, (3, 3), (2, 2), "SAME"),
-    ((2, 9, 9, 2), 3, (3, 3), (2, 2), "SAME"),
-    ((1, 6, 6, 2), 3, (1, 1), (1, 1), "VALID"),
-    ((2, 7, 5, 3), 2, (3, 2), (1, 1), ((2, 0), (1, 1))),
-])
-def test_shifted_kernel_gradient_equals_xla(shape, features, kernel, strides, padding):
-  """candidates.py's shifted kernel gradient computes XLA's (so its timings compare like with
-  like), strides, odd sizes and explicit padding included."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  w = jnp.asarray(0.3 * rng.standard_normal(kernel + (shape[-1], features)), jnp.float32)
-  plain = lambda x, w: candidates.conv2d(x, w, strides, padding, impl="xla")
-  fast = lambda x, w: candidates.conv2d(x, w, strides, padding, impl="shifted")
-  out_plain, grads_plain = value_and_grads(plain, x, w)
-  out_fast, grads_fast = value_and_grads(fast, x, w)
-  assert_trees_close(out_fast, out_plain)
-  assert_trees_close(grads_fast, grads_plain)
-  assert float(jnp.abs(grads_plain[1]).max()) > 0
-
-
-def test_candidate_formulations_give_the_models_numbers():
-  """The benchmark variants time the same function: a student traced under
-  formulations("shifted", "plain") equals the one the package builds (TimeConvs zeroed, see
-  tests/test_fast_paths.py), and the shifted convolutions do run."""
-  config = tiny.get_config()
-  params = random_params(models.param_shapes(models.init_student, config), 3, 0.1)
-  params = flax.traverse_util.unflatten_dict({
-      path: (jnp.zeros_like(v) if models.build.is_time_conv_path(path) else v)
-      for path, v in flax.traverse_util.flatten_dict(params).items()})
-  rng = np.random.default_rng(4)
-  noise = jnp.asarray(rng.standard_normal((2, 8, 8, 1)), jnp.float32)
-  labels, logsnr = jnp.array([1, 2]), jnp.asarray(diffusion.save_logsnrs(config))
-  model = models.student_from_config(config)
-  apply = lambda p: model.apply({"params": p}, noise, logsnr, labels, train=False)
-
-  def candidate(p):
-    with candidates.formulations("shifted", "plain"):
-      return apply(p)
-
-  assert_trees_close(value_and_grads(candidate, params), value_and_grads(apply, params))
-  # the shifted kernel gradient is a custom VJP; the package's model has none
-  assert "custom_vjp_call" in str(jax.make_jaxpr(candidate)(params))
-  assert "custom_vjp_call" not in str(jax.make_jaxpr(apply)(params))
-  with pytest.raises(ValueError, match="expected conv in"):
-    with candidates.formulations("winograd"):
-      pass
-
-
-# --- benchmarks/torch_reference.py and benchmarks/gpu_vs_torch.py (issue 18) -----------------
 
 def torch_reference_config():
   """configs/tiny.py with what the CIFAR-10 DSNO adds: ResnetBlock resampling, dropout,
@@ -287,3 +129,47 @@ def test_gpu_vs_torch_skips_what_the_budget_cannot_hold(tmp_path):
     result = json.load(f)
   assert not result["rows"] and len(result["skipped"]) >= 4
   assert all("budget" in s for s in result["skipped"])
+
+
+def write_results(root, seed, rows, metric="FD-digits"):
+  path = root / f"seed_{seed}" / "eval"
+  path.mkdir(parents=True)
+  (path / "results.json").write_text(json.dumps({"metric": metric, "rows": rows}))
+
+
+def test_digits_seeds_tables_each_rows_mean_and_std_over_seeds(tmp_path, capsys):
+  """Three fake results.json files: each (model, solver, NFE) row gets its mean and sample standard
+  deviation over the seeds, a row missing from a seed says how many seeds it has, and the JSON
+  and markdown are written."""
+  metric = {0: 2.5, 1: 2.3, 2: 2.2}
+  for seed in (0, 1, 2):
+    rows = [{"model": "DSNO", "solver": "one step", "nfe": 1, "metric": metric[seed],
+             "class_accuracy": 0.97 + 0.01 * seed, "near_copies": 0.0,
+             "pixel_near_copies": 0.01 * seed, "nn_ratio_copies": 0.0},
+            {"model": "teacher", "solver": "dopri5 (tol 0.0001)", "nfe": 180.0 + seed,
+             "adaptive": True, "metric": 2.0 + seed, "class_accuracy": 0.97}]
+    rows += [{"model": "teacher", "solver": "ddim", "nfe": nfe, "metric": 10.0 / nfe + seed}
+             for nfe in (2, 8)]
+    if seed != 1:
+      rows.append({"model": "DSNO refined", "solver": "one step", "nfe": 1, "metric": 2.0})
+    write_results(tmp_path, seed, rows)
+  out = tmp_path / "summary"
+  summary = digits_seeds.main(["--root", str(tmp_path), "--seeds", "0", "1", "2",
+                               "--table-only", "--out", str(out)])
+  dsno, teacher, ddim2, ddim8, refined = summary
+  assert (dsno["model"], refined["model"], refined["seeds"]) == ("DSNO", "DSNO refined", [0, 2])
+  assert dsno["columns"]["metric"]["mean"] == pytest.approx(np.mean([2.5, 2.3, 2.2]))
+  assert dsno["columns"]["metric"]["std"] == pytest.approx(np.std([2.5, 2.3, 2.2], ddof=1))
+  assert teacher["columns"]["nfe"]["mean"] == pytest.approx(181.0)
+  assert [r["columns"]["metric"]["mean"] for r in (ddim2, ddim8)] == pytest.approx([6.0, 2.25])
+  table = capsys.readouterr().out
+  assert "| DSNO | one step | 1 | 2.333 ± 0.153 | 0.980 ± 0.010 |" in table
+  assert "| DSNO refined (2 seeds) | one step | 1 | 2.000 ± 0.000 |" in table
+  assert "| teacher | dopri5 (tol 0.0001) | 181.0 ± 1.0 (mean) | 3.000 ± 1.000 |" in table
+  assert "1.00% ± 1.00%" in table  # pixel near copies, as percentages
+  assert (tmp_path / "summary.md").read_text().strip() == table.strip()
+  saved = json.loads((tmp_path / "summary.json").read_text())
+  assert saved["seeds"] == [0, 1, 2] and set(saved["results"]) == {"0", "1", "2"}
+  with pytest.raises(SystemExit, match="seed_3/eval/results.json does not exist"):
+    digits_seeds.main(["--root", str(tmp_path), "--seeds", "3", "--table-only",
+                       "--out", str(out)])

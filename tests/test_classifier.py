@@ -82,3 +82,22 @@ def test_bad_training_input_is_refused(digits):
     classifier.train_classifier(x, labels[:19], seed=0, steps=1)
   with pytest.raises(ValueError, match=r"expected \(N, H, W, C\)"):
     classifier.train_classifier(x[..., 0], labels, seed=0, steps=1)
+
+
+def test_classifier_seed_not_the_run_seed_fixes_the_classifier(tmp_path):
+  """Runs that differ in config.seed train the same FD-digits classifier (so their FD-digits
+  compare); eval.classifier_seed alone changes it."""
+  from configs import tiny  # noqa: PLC0415
+  config = tiny.get_config()
+  config.eval.classifier_steps = 3
+
+  def trained(name, seed, classifier_seed):
+    config.seed, config.eval.classifier_seed = seed, classifier_seed
+    return classifier.ensure_classifier(config, str(tmp_path / name))
+
+  first, other_run, other_classifier = (trained("a", 0, 0), trained("b", 5, 0),
+                                        trained("c", 0, 1))
+  leaves = lambda params: jax.tree_util.tree_leaves(params)
+  for a, b in zip(leaves(first), leaves(other_run)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, c) for a, c in zip(leaves(first), leaves(other_classifier)))

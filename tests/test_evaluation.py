@@ -39,7 +39,10 @@ def test_student_only_evaluation_needs_no_teacher(student_only):
   assert np.isfinite(dsno["metric"]) and dsno["metric"] > data["metric"]
   with open(os.path.join(workdir, "eval", "results.md")) as f:
     table = f.read()
-  assert table.count("\n| ") == 2 and "nearest-train distance" in table
+  assert table.count("\n| ") == 2 and "nearest-train distance, pixels" in table
+  assert 0.0 <= dsno["pixel_near_copies"] <= 1.0 and dsno["pixel_nn_train_median"] > 0
+  assert 0.0 <= dsno["nn_ratio_copies"] <= 1.0 and data["nn_ratio_copies"] == 0.0
+  assert result["memorization"]["pixel_near_copy_threshold"] > 0
   assert os.path.getsize(os.path.join(workdir, "eval", "memorization.png")) > 1000
 
 
@@ -68,13 +71,97 @@ def test_memorization_columns_tell_copies_from_new_images():
   assert 0.5 < fresh["nn_train_median"] / np.median(memorization.test_distances) < 2
 
 
+@pytest.fixture(scope="module")
+def digits_u8():
+  """The digits as uint8 (N, 8, 8, 1) images, split as dsno_jax/data/digits.py splits them."""
+  from sklearn import datasets, model_selection
+  data = datasets.load_digits()
+  train, test = model_selection.train_test_split(
+      np.arange(len(data.target)), test_size=360, stratify=data.target, random_state=0)
+  images = np.round(data.images * (255 / 16)).astype(np.uint8)[..., None]
+  return images[train], images[test]
+
+
+def test_pixel_check_flags_exact_shifted_and_contrast_changed_train_copies(digits_u8):
+  """Copies of training digits, exact, shifted by a pixel, or with another contrast, are flagged
+  by the pixel check (under the held-out threshold and by the nearest/second-nearest ratio);
+  held-out digits are not, and the feature columns do not need the images."""
+  train, test = digits_u8
+  flat = lambda images: images.reshape(len(images), -1).astype(np.float64)
+  memorization = evaluate.Memorization(flat(train), flat(test), train, test)
+  originals = train[:60]
+  shifted = np.roll(originals, (1, -1), axis=(1, 2))
+  contrast = np.round(originals * 0.6 + 40).astype(np.uint8)
+  for name, copies in (("exact", originals), ("shifted", shifted), ("contrast", contrast)):
+    columns, _, _ = memorization.measure(flat(copies), copies)
+    assert columns["pixel_near_copies"] >= 0.95, name
+    assert columns["nn_ratio_copies"] >= 0.95, name
+    assert columns["pixel_nn_train_median"] < 0.02, name  # uint8 rounding of the contrast
+    _, _, index = memorization.pixel_nearest(copies)
+    assert np.mean(index == np.arange(60)) >= 0.95, name
+  # A plain pixel (or these flattened-pixel "features") distance misses the shifted copies.
+  assert memorization.measure(flat(shifted))[0]["near_copies"] < 0.5
+  held_out = memorization.pixel_columns(test)
+  assert held_out["pixel_near_copies"] < 0.05 and held_out["nn_ratio_copies"] == 0.0
+  assert held_out["pixel_nn_train_median"] > 0.2
+
+
+def test_memorization_figure_shows_each_models_closest_pairs(digits_u8, tmp_path, monkeypatch):
+  """The refined student's closest pairs are drawn beside DSNO's, each sample with its nearest
+  training image; without a refined export only DSNO's."""
+  train, test = digits_u8
+  flat = lambda images: images.reshape(len(images), -1).astype(np.float64)
+  memorization = evaluate.Memorization(flat(train), flat(test), train, test)
+
+  class Source:
+    def get(self, indices):
+      return train[indices], None
+
+  drawn = []
+  monkeypatch.setattr(evaluate.pictures, "plot_memorization",
+                      lambda distances, pairs, path, **kwargs: drawn.append((distances, pairs)))
+  copies = train[100:120]
+  evaluate.plot_memorization(memorization, {"DSNO": test[:40], "DSNO refined": copies},
+                             Source(), "test images", str(tmp_path / "m.png"))
+  evaluate.plot_memorization(memorization, {"DSNO": test[:40], "DSNO refined": None},
+                             Source(), "test images", str(tmp_path / "m.png"))
+  (distances, pairs), (_, dsno_only) = drawn
+  assert list(pairs) == ["DSNO", "DSNO refined"] and list(dsno_only) == ["DSNO"]
+  assert list(distances) == ["DSNO samples", "DSNO refined samples", "test images"]
+  refined_pairs, refined_distances = pairs["DSNO refined"]
+  assert refined_pairs.shape == (evaluate.CLOSEST_PAIRS, 2, 8, 8, 1)
+  np.testing.assert_array_equal(refined_pairs[:, 0], refined_pairs[:, 1])  # copies found
+  assert refined_distances.max() < 1e-3 < pairs["DSNO"][1].min()
+
+
+def test_near_copy_threshold_is_a_fitted_percentile_of_all_held_out_distances():
+  """On log-normal distances the fitted 1st percentile is near the true one, and over
+  resamples it varies less than the empirical percentile (the 4th-smallest of 360)."""
+  rng = np.random.default_rng(2)
+  truth = np.exp(1.0 + 0.3 * -2.3263479)  # exp(mu + sigma * z_0.01)
+  fitted, empirical = [], []
+  for _ in range(200):
+    distances = np.exp(rng.normal(1.0, 0.3, 360))
+    fitted.append(evaluate.near_copy_threshold(distances))
+    empirical.append(np.percentile(distances, evaluate.NEAR_COPY_PERCENTILE))
+  assert abs(np.mean(fitted) / truth - 1) < 0.02
+  assert np.std(fitted) < 0.6 * np.std(empirical)
+
+
 def test_nearest_train_equals_brute_force_float64():
   rng = np.random.default_rng(1)
   queries, train = rng.normal(size=(37, 9)), rng.normal(size=(53, 9))
-  distances, index = evaluate.nearest_train(queries, train, chunk=16)
+  distances, second, index = evaluate.nearest_train(queries, train, chunk=16)
   brute = np.sqrt(((queries[:, None] - train[None]) ** 2).sum(-1))
   np.testing.assert_array_equal(index, brute.argmin(1))
   np.testing.assert_allclose(distances, brute.min(1), rtol=1e-5)
+  np.testing.assert_allclose(second, np.sort(brute, 1)[:, 1], rtol=1e-5)
+  # several views per query: a train row counts at its nearest view
+  views = rng.normal(size=(37, 3, 9))
+  distances, second, index = evaluate.nearest_train(views, train, chunk=16)
+  brute = np.sqrt(((views[:, :, None] - train[None, None]) ** 2).sum(-1)).min(1)
+  np.testing.assert_array_equal(index, brute.argmin(1))
+  np.testing.assert_allclose(second, np.sort(brute, 1)[:, 1], rtol=1e-5)
 
 
 def test_teacher_rows_are_parsed_or_refused_by_name():

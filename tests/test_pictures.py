@@ -46,8 +46,9 @@ def test_metric_and_memorization_plots_are_written(tmp_path):
   assert os.path.getsize(path) > 1000
   pairs = rng.integers(0, 256, (3, 2, 8, 8, 1), dtype=np.uint8)
   path = pictures.plot_memorization(
-      {"samples": rng.uniform(1, 3, 50), "test": rng.uniform(1, 3, 30)}, pairs,
-      np.array([0.5, 0.7, 0.9]), str(tmp_path / "mem.png"), feature_name="digits features")
+      {"samples": rng.uniform(1, 3, 50), "test": rng.uniform(1, 3, 30)},
+      {"DSNO": (pairs, np.array([0.5, 0.7, 0.9])), "refined": (pairs[:2], np.array([0.4, 0.6]))},
+      str(tmp_path / "mem.png"), feature_name="digits features")
   assert os.path.getsize(path) > 1000
 
 

@@ -211,8 +211,8 @@ def ensure_classifier(config, workdir: str):
     return params
   train = images_lib.load_source(config, workdir, config.data.train_split)
   test = images_lib.load_source(config, workdir, config.data.eval_split)
-  params = train_classifier(_to_unit_range(train.images), train.labels, seed=config.seed,
-                            steps=config.eval.classifier_steps)
+  params = train_classifier(_to_unit_range(train.images), train.labels,
+                            seed=config.eval.classifier_seed, steps=config.eval.classifier_steps)
   logging.info("digits classifier: test accuracy %.3f",
                accuracy(params, _to_unit_range(test.images), test.labels))
   save_classifier(path, params, config.data.image_size)  # every process: orbax saves together

@@ -2,6 +2,7 @@
 the teacher's solvers, with a memorisation check; the table, plots and TensorBoard scalars."""
 import json
 import re
+import statistics
 from typing import Callable, Dict, List, Optional, Tuple
 
 from absl import logging
@@ -18,7 +19,23 @@ from dsno_jax.teachers import loading
 from dsno_jax.workdir import Workdir
 
 CLOSEST_PAIRS = 8  # pairs shown in memorization.png
-NEAR_COPY_PERCENTILE = 1.0  # a sample nearer to the train split than this % of test images is
+# A sample nearer to the train split than this % of the held-out test images is a near copy.
+NEAR_COPY_PERCENTILE = 1.0
+# A sample nearer to one training image than this fraction of its distance to the second-nearest
+# is a copy of it: the criterion of Yoon et al. 2023 and Gu et al. 2023 ("On Memorization in
+# Diffusion Models", arXiv:2310.02664), in pixel space as there.
+NN_RATIO_COPY = 1.0 / 3.0
+
+
+_share = lambda value: f"{100 * value:.1f}%"
+# (results.json key, table title, format) of the memorisation columns, in the table's order
+MEMORIZATION_COLUMNS = (
+    ("nn_train_median", "nearest-train distance, features (median)", lambda v: f"{v:.3g}"),
+    ("near_copies", f"near copies, features (< test p{NEAR_COPY_PERCENTILE:g})", _share),
+    ("pixel_nn_train_median", "nearest-train distance, pixels (median)", lambda v: f"{v:.3g}"),
+    ("pixel_near_copies", f"near copies, pixels (< test p{NEAR_COPY_PERCENTILE:g})", _share),
+    ("nn_ratio_copies", "copies, pixels (nearest < 1/3 second-nearest)", _share),
+)
 
 
 class MeshFeatures:
@@ -117,42 +134,113 @@ def reference_statistics(config, workdir: str, metric_name: str, features: MeshF
 
 
 @jax.jit
-def _nearest_in_chunk(queries, train):
-  """(squared distance, index) of each query's nearest train row."""
-  d2 = (jnp.sum(queries ** 2, 1)[:, None] + jnp.sum(train ** 2, 1)[None]
-        - 2.0 * jnp.matmul(queries, train.T, precision=jax.lax.Precision.HIGHEST))
-  return jnp.maximum(jnp.min(d2, 1), 0.0), jnp.argmin(d2, 1)
+def _two_nearest_in_chunk(queries, train):
+  """(squared distance to the nearest and second-nearest train row, the nearest's index) of each
+  query (n, S, D), a train row's distance being its smallest over the query's S views."""
+  d2 = (jnp.sum(queries ** 2, -1)[..., None] + jnp.sum(train ** 2, 1)
+        - 2.0 * jnp.einsum("nsd,td->nst", queries, train, precision=jax.lax.Precision.HIGHEST))
+  negated, index = jax.lax.top_k(-jnp.min(d2, 1), 2)
+  return jnp.maximum(-negated[:, 0], 0.0), jnp.maximum(-negated[:, 1], 0.0), index[:, 0]
 
 
-def nearest_train(features: np.ndarray, train_features: np.ndarray, chunk: int = 1024
-                  ) -> Tuple[np.ndarray, np.ndarray]:
-  """(Euclidean distance (N,), index (N,)) of each feature row's nearest training row."""
-  train = jnp.asarray(train_features, jnp.float32)
-  distances, indices = [], []
-  for start in range(0, len(features), chunk):
-    d2, index = _nearest_in_chunk(jnp.asarray(features[start:start + chunk], jnp.float32), train)
-    distances.append(np.sqrt(np.asarray(d2)))
-    indices.append(np.asarray(index))
-  return np.concatenate(distances), np.concatenate(indices)
+def nearest_train(queries: np.ndarray, train: np.ndarray, chunk: Optional[int] = None
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(Euclidean distance (N,) to the nearest train row, to the second-nearest (N,), the nearest's
+  index (N,)) of queries (N, D), or (N, S, D): S views of each query (e.g. shifts), a train row
+  counting at its nearest view. train (T, D), T >= 2."""
+  queries = np.asarray(queries, np.float32)
+  queries = queries[:, None] if queries.ndim == 2 else queries
+  train = jnp.asarray(train, jnp.float32)
+  chunk = chunk or max(1, 2 ** 26 // (queries.shape[1] * train.shape[0]))  # bounds (n, S, T)
+  parts = [_two_nearest_in_chunk(jnp.asarray(queries[start:start + chunk]), train)
+           for start in range(0, len(queries), chunk)]
+  d1, d2, index = (np.concatenate([np.asarray(part[i]) for part in parts]) for i in range(3))
+  return np.sqrt(d1), np.sqrt(d2), index
+
+
+def pixel_views(images_u8: np.ndarray, shifted: bool) -> np.ndarray:
+  """Each image's centre (all but a 1-pixel border), or with `shifted` its 9 windows shifted by
+  up to one pixel, as vectors with zero mean and unit norm: (N, D), or (N, 9, D).
+
+  A train image's centre then lies at distance 0 from a copy of it that is shifted by a pixel
+  or has another brightness or contrast, which hide from a plain pixel distance.
+  """
+  images = np.asarray(images_u8, np.float32)
+  n, h, w, _ = images.shape
+  if h < 3 or w < 3:
+    raise ValueError(f"images of shape {images.shape}; the pixel check needs H, W >= 3")
+  offsets = [(dy, dx) for dy in range(3) for dx in range(3)] if shifted else [(1, 1)]
+  views = np.stack([images[:, dy:h - 2 + dy, dx:w - 2 + dx].reshape(n, -1)
+                    for dy, dx in offsets], axis=1)
+  views -= views.mean(-1, keepdims=True)
+  views /= np.maximum(np.linalg.norm(views, axis=-1, keepdims=True), 1e-6)
+  return views if shifted else views[:, 0]
+
+
+def near_copy_threshold(test_distances: np.ndarray) -> float:
+  """The NEAR_COPY_PERCENTILE-th percentile of held-out nearest-train distances, from the mean
+  and standard deviation of their logarithms (a log-normal fit) over all the held-out images:
+  far less noisy than the few smallest distances an empirical percentile rests on."""
+  logs = np.log(np.maximum(np.asarray(test_distances, np.float64), 1e-12))
+  z = statistics.NormalDist().inv_cdf(NEAR_COPY_PERCENTILE / 100.0)
+  return float(np.exp(logs.mean() + z * logs.std()))
 
 
 class Memorization:
-  """Nearest-training-image distances in the metric's feature space, against the held-out
-  test images' own: samples much nearer to the train split than test images are copies."""
+  """Nearest-training-image distances of samples against the held-out test images' own, in the
+  metric's features and, given the images, in pixels (`pixel_views`): samples much nearer to
+  the train split than test images are, or much nearer to one training image than to any other
+  (the nearest/second-nearest distance ratio below NN_RATIO_COPY), are copies."""
 
-  def __init__(self, train_features: np.ndarray, test_features: np.ndarray):
+  def __init__(self, train_features: np.ndarray, test_features: np.ndarray,
+               train_images: Optional[np.ndarray] = None,
+               test_images: Optional[np.ndarray] = None):
+    """Features (N, D) of both splits; their uint8 images (N, H, W, C) add the pixel check."""
     self.train_features = train_features
-    self.test_distances, _ = nearest_train(test_features, train_features)
-    self.threshold = float(np.percentile(self.test_distances, NEAR_COPY_PERCENTILE))
+    self.test_distances, _, _ = nearest_train(test_features, train_features)
+    self.threshold = near_copy_threshold(self.test_distances)
+    self.train_pixels = None
+    if train_images is not None:
+      self.train_pixels = pixel_views(train_images, shifted=False)
+      self.test_pixel_distances, _, _ = self.pixel_nearest(test_images)
+      self.pixel_threshold = near_copy_threshold(self.test_pixel_distances)
+
+  def pixel_nearest(self, images_u8: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distance, second-nearest distance, nearest index), each (N,), in pixel views."""
+    return nearest_train(pixel_views(images_u8, shifted=True), self.train_pixels)
 
   def columns(self, distances: np.ndarray) -> Dict[str, float]:
-    """The table's columns: the median distance and the share of near copies."""
+    """The feature columns: the median distance and the share of near copies."""
     return {"nn_train_median": float(np.median(distances)),
             "near_copies": float(np.mean(distances < self.threshold))}
 
-  def measure(self, features: np.ndarray) -> Tuple[Dict[str, float], np.ndarray, np.ndarray]:
-    distances, indices = nearest_train(features, self.train_features)
-    return self.columns(distances), distances, indices
+  def pixel_columns(self, images_u8: np.ndarray) -> Dict[str, float]:
+    """The pixel columns: the median distance, the share under the held-out threshold, and the
+    share whose nearest training image is under NN_RATIO_COPY of the second-nearest's distance."""
+    nearest, second, _ = self.pixel_nearest(images_u8)
+    return {"pixel_nn_train_median": float(np.median(nearest)),
+            "pixel_near_copies": float(np.mean(nearest < self.pixel_threshold)),
+            "nn_ratio_copies": float(np.mean(nearest < NN_RATIO_COPY * second))}
+
+  def measure(self, features: np.ndarray, images_u8: Optional[np.ndarray] = None
+              ) -> Tuple[Dict[str, float], np.ndarray, np.ndarray]:
+    """(columns, feature distances (N,), nearest indices (N,)); with the images (and the train
+    images given at construction), the pixel columns too."""
+    distances, _, indices = nearest_train(features, self.train_features)
+    columns = self.columns(distances)
+    if images_u8 is not None and self.train_pixels is not None:
+      columns.update(self.pixel_columns(images_u8))
+    return columns, distances, indices
+
+  def description(self) -> Dict:
+    """What results.json records about the check."""
+    about = {"near_copy_threshold": self.threshold,
+             "near_copy_rule": f"distance under the held-out split's p{NEAR_COPY_PERCENTILE:g} "
+                               "from a log-normal fit of all its nearest-train distances"}
+    if self.train_pixels is not None:
+      about.update(pixel_near_copy_threshold=self.pixel_threshold, nn_ratio_copy=NN_RATIO_COPY,
+                   pixels="centre and 1-pixel shifts, zero mean, unit norm")
+    return about
 
 
 def score(images_u8, labels, features: MeshFeatures, reference,
@@ -176,7 +264,7 @@ def score(images_u8, labels, features: MeshFeatures, reference,
   nearest = None
   if memorization is not None:
     columns, distances, indices = memorization.measure(
-        parallel.gather_shares(local, len(images_u8)))
+        parallel.gather_shares(local, len(images_u8)), images_u8)
     row.update(columns)
     nearest = (distances, indices)
   return row, nearest
@@ -258,8 +346,11 @@ def evaluate(config, workdir: str) -> Dict:
     test_features, test_labels = split_features(
         config, workdir, config.data.eval_split, features,
         f"memorisation: {config.data.eval_split} features")
-    memorization = Memorization(train_features, test_features)
     train_images = images_lib.load_source(config, workdir, config.data.train_split)
+    test_source = images_lib.load_source(config, workdir, config.data.eval_split)
+    memorization = Memorization(train_features, test_features,
+                                train_images.get(np.arange(len(train_images)))[0],
+                                test_source.get(np.arange(len(test_source)))[0])
   reference = reference_statistics(config, workdir, name, features,
                                    train_features if memorization else None)
   rows: List[Dict] = []
@@ -276,19 +367,21 @@ def evaluate(config, workdir: str) -> Dict:
   _, labels, outputs = sampling.draw_samples(exported, params, config.eval.num_samples, batch,
                                              mesh)
   student_images = pictures.to_uint8(outputs[:, -1])
-  student, student_nearest = score(student_images, labels if conditional else None, features,
-                                   reference, memorization, what="DSNO")
+  student, _ = score(student_images, labels if conditional else None, features, reference,
+                     memorization, what="DSNO")
   rows.append({"model": "DSNO", "solver": "one step", "nfe": 1, **student})
   logging.info("DSNO one step: %s %.4g", name, student["metric"])
 
   curves: Dict[str, Dict[float, float]] = {}
   points = {"DSNO (1 NFE)": (1.0, student["metric"])}
+  refined_images = None
   if storage.isdir(Workdir(workdir).refined_export):  # --mode=refine ran: its t=0 output
     params, exported = export.load_student(workdir, refined=True)
     exported.seed = config.seed
     _, labels, outputs = sampling.draw_samples(exported, params, config.eval.num_samples, batch,
                                                mesh)
-    refined, _ = score(pictures.to_uint8(outputs[:, -1]), labels if conditional else None,
+    refined_images = pictures.to_uint8(outputs[:, -1])
+    refined, _ = score(refined_images, labels if conditional else None,
                        features, reference, memorization, what="DSNO refined")
     rows.append({"model": "DSNO refined", "solver": "one step", "nfe": 1, **refined})
     points["DSNO refined (1 NFE)"] = (1.0, refined["metric"])
@@ -318,9 +411,8 @@ def evaluate(config, workdir: str) -> Dict:
   result = {"metric": name, "teacher": identity, "num_samples": config.eval.num_samples,
             "rows": rows}
   if memorization is not None:
-    result["memorization"] = {
-        "features": name, "near_copy_threshold": memorization.threshold,
-        "near_copy_percentile_of_test": NEAR_COPY_PERCENTILE}
+    result["memorization"] = {"features": name, "near_copy_percentile_of_test":
+                              NEAR_COPY_PERCENTILE, **memorization.description()}
   run = Workdir(workdir)
   if jax.process_index() == 0:
     storage.write_text(run.results, json.dumps(result, indent=1))
@@ -329,37 +421,48 @@ def evaluate(config, workdir: str) -> Dict:
         curves, storage.join(run.eval, "fid_vs_nfe.png"), metric=name, points=points,
         title=f"{name}, {config.eval.num_samples} samples")
     if memorization is not None:
-      distances, indices = student_nearest
-      closest = np.argsort(distances)[:CLOSEST_PAIRS]
-      nearest_images, _ = train_images.get(indices[closest])
-      pictures.plot_memorization(
-          {"DSNO samples": distances, f"{config.data.eval_split} images (held out)":
-           memorization.test_distances},
-          np.stack([student_images[closest], nearest_images], axis=1), distances[closest],
-          storage.join(run.eval, "memorization.png"), feature_name=f"{name} features",
-          title="Does DSNO copy its training images?")
+      plot_memorization(memorization, {"DSNO": student_images, "DSNO refined": refined_images},
+                        train_images, f"{config.data.eval_split} images (held out)",
+                        storage.join(run.eval, "memorization.png"))
     write_tensorboard(workdir, name, rows)
   return result
+
+
+def plot_memorization(memorization: Memorization, samples: Dict[str, Optional[np.ndarray]],
+                      train_source, held_out: str, path: str) -> str:
+  """memorization.png in pixel views: the nearest-train distances of each model's uint8 samples
+  (those not None) and of the held-out images, and each model's closest pairs."""
+  distances, pairs = {}, {}
+  for model, images in samples.items():
+    if images is None:
+      continue
+    nearest, _, indices = memorization.pixel_nearest(images)
+    closest = np.argsort(nearest)[:CLOSEST_PAIRS]
+    distances[f"{model} samples"] = nearest
+    pairs[model] = (np.stack([images[closest], train_source.get(indices[closest])[0]], axis=1),
+                    nearest[closest])
+  distances[held_out] = memorization.test_pixel_distances
+  return pictures.plot_memorization(
+      distances, pairs, path, feature_name="pixels, shift-tolerant",
+      title="Do the one-step students copy their training images?")
 
 
 def format_table(rows: List[Dict], metric: str) -> str:
   """Markdown: model, solver, NFE (network evaluations per sample; the mean for adaptive
   solves), the metric, and class accuracy and memorisation columns where measured."""
   accuracy = any("class_accuracy" in r for r in rows)
-  memorization = any("nn_train_median" in r for r in rows)
+  memorization = [c for c in MEMORIZATION_COLUMNS if any(c[0] in r for r in rows)]
   head = f"| model | solver | NFE | {metric} |"
   head += " class accuracy |" if accuracy else ""
-  head += f" nearest-train distance (median) | near copies (< test p{NEAR_COPY_PERCENTILE:g}) |" \
-      if memorization else ""
-  lines = [head, "|" + "---|" * (4 + accuracy + 2 * memorization)]
+  head += "".join(f" {title} |" for _, title, _ in memorization)
+  lines = [head, "|" + "---|" * (4 + accuracy + len(memorization))]
   for r in rows:
     nfe = "-" if r["nfe"] == 0 else (f"{r['nfe']:.1f} (mean)" if r.get("adaptive")
                                      else str(int(r["nfe"])))
     line = f"| {r['model']} | {r['solver']} | {nfe} | {r['metric']:.4g} |"
     if accuracy:
       line += f" {r['class_accuracy']:.3f} |" if "class_accuracy" in r else " - |"
-    if memorization:
-      line += (f" {r['nn_train_median']:.3g} | {100 * r['near_copies']:.1f}% |"
-               if "nn_train_median" in r else " - | - |")
+    line += "".join(f" {form(r[key])} |" if key in r else " - |"
+                    for key, _, form in memorization)
     lines.append(line)
   return "\n".join(lines)
