@@ -106,13 +106,16 @@ def teacher(emulator):
   return path
 
 
-def pipeline_command(workdir: str, teacher: str, **flags) -> list:
-  """`python -m dsno_jax.main` running the shortened tiny pipeline (plus `flags`) on workdir."""
+def pipeline_flags(workdir: str, teacher: str, **flags) -> list:
+  """dsno_jax.main's flags for the shortened tiny pipeline (plus `flags`) on workdir."""
   flags = {**OVERRIDES, "teacher.checkpoint": teacher, **flags}
-  return [helpers.python(), "-m", "dsno_jax.main",
-          f"--config={os.path.join(helpers.ROOT, 'configs', 'tiny.py')}",
+  return [f"--config={os.path.join(helpers.ROOT, 'configs', 'tiny.py')}",
           f"--workdir={workdir}", "--mode=pipeline"] + [
               f"--config.{name}={value}" for name, value in flags.items()]
+
+
+def pipeline_command(workdir: str, teacher: str, **flags) -> list:
+  return [helpers.python(), "-m", "dsno_jax.main", *pipeline_flags(workdir, teacher, **flags)]
 
 
 def child_env(num_devices: int, cache: str = "") -> dict:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from dsno_jax import storage
 
@@ -108,6 +108,7 @@ def start(name: str, root: str, command: Sequence[str], env: Dict[str, str], *,
     f.write(f"127.0.0.1 localhost\n127.0.0.1 {name}\n")
   env = {**env, **local.process_envs(num_processes, 1, port)[process_id],
          "HOME": os.path.join(root, "home"), "TMPDIR": os.path.join(root, "tmp"),
+         "PYTHONUNBUFFERED": "1",  # a host that aborts keeps its last words in its log
          storage.CACHE_ENV: os.path.join(root, "cache")}
   log = os.path.join(root, f"{name}.log")
   with open(log, "a") as out:
@@ -122,12 +123,29 @@ def wait_for(condition, hosts: Sequence[Host], timeout: float, what: str):
   deadline = time.time() + timeout
   while not condition():
     ended = [h for h in hosts if h.process.poll() is not None]
+    if ended and condition():  # met just before the host exited
+      return
     if ended or time.time() > deadline:
       why = (f"host {ended[0].name} exited with status {ended[0].process.returncode}" if ended
              else f"{timeout} s passed")
       raise AssertionError(f"waiting for {what}: {why}\n" + "\n".join(
           f"--- {h.name}:\n{h.output()[-3000:]}" for h in hosts))
     time.sleep(0.05)
+
+
+def exits(hosts: Sequence[Host], timeout: float) -> List[Tuple[Optional[int], float]]:
+  """Each host's (exit status, seconds from now until it exited); (None, timeout) for a host
+  still running after `timeout` s, which is then killed."""
+  start, ended = time.time(), {}
+  while len(ended) < len(hosts) and time.time() < start + timeout:
+    for host in hosts:
+      if host.name not in ended and host.process.poll() is not None:
+        ended[host.name] = (host.process.returncode, time.time() - start)
+    time.sleep(0.05)
+  for host in hosts:
+    if host.name not in ended:
+      host.kill()
+  return [ended.get(host.name, (None, timeout)) for host in hosts]
 
 
 def disk_use(path: str, *parts: str) -> int:

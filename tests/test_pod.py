@@ -16,8 +16,8 @@ from dsno_jax import modes, storage
 from dsno_jax.models import io as model_io
 from dsno_jax.workdir import Workdir
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(bool(pods.unavailable()), reason=str(pods.unavailable()))]
+_UNAVAILABLE = pods.unavailable()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(_UNAVAILABLE), reason=str(_UNAVAILABLE))]
 
 TIMEOUT_S = 600  # generous: the machine may be shared
 JOB_ENV = "DSNO_JAX_JOB_ID"  # names the job whose processes may take its workdir's lock over
@@ -31,6 +31,7 @@ FLAGS = {"data.cache_gb": CACHE_GB, "train.num_steps": 24}
 # A failing host must bring every other host down within this (a hang never ends by itself).
 FAILURE_EXIT_S = 120
 
+INJECTED = "injected failure: 503 Service Unavailable"
 # Host 1 of the failure test: the pipeline, with every trajectory shard write of this host
 # failing as a Cloud Storage 503 would, while host 0 writes its shards and waits for the rest.
 FAILING_HOST = r"""
@@ -50,10 +51,11 @@ runpy.run_module("dsno_jax.main", run_name="__main__", alter_sys=True)
 def boot(tmp_path, names, workdir, teacher_path, job, program=(), **flags):
   """Hosts `names` (processes 0, 1, ...) of job `job` running the pipeline on `workdir`."""
   port = helpers.free_port()
-  command = gcs_helpers.pipeline_command(workdir, teacher_path, **flags)
+  main_flags = gcs_helpers.pipeline_flags(workdir, teacher_path, **flags)
   hosts = []
   for process_id, name in enumerate(names):
-    argv = [*program, *command[1:]] if program and process_id == 1 else command
+    argv = [*(program if process_id == 1 and program else
+              [helpers.python(), "-m", "dsno_jax.main"]), *main_flags]
     hosts.append(pods.start(name, str(tmp_path / name), argv,
                             {**gcs_helpers.child_env(1), JOB_ENV: job},
                             process_id=process_id, num_processes=len(names), port=port))
@@ -146,16 +148,14 @@ def test_one_failing_host_stops_every_host(emulator, teacher, tmp_path):
   hosts = boot(tmp_path, ["hostG", "hostH"], f"gs://{BUCKET}/pod_failure", teacher, "job2",
                program=[helpers.python(), "-c", FAILING_HOST])
   try:
-    failed = hosts[1].wait(TIMEOUT_S)
-    failed_at = time.time()
-    assert failed not in (0, None), hosts[1].output()[-5000:]
-    status = hosts[0].wait(FAILURE_EXIT_S)
-    print(f"from hostH's failure (status {failed}) to hostG's exit (status {status}): "
-          f"{time.time() - failed_at:.1f} s")
+    pods.wait_for(lambda: INJECTED in hosts[1].output(), hosts, TIMEOUT_S, "hostH's failure")
+    ended = pods.exits(hosts, FAILURE_EXIT_S)
   finally:
     for host in hosts:
       host.kill()
-  assert status not in (0, None), hosts[0].output()[-5000:]  # None: still running, killed
-  for host in hosts:
-    assert "injected failure: 503 Service Unavailable" in host.output(), (
-        host.name, host.output()[-5000:])
+  print("from hostH's failure to each host's exit: " + ", ".join(
+      f"{host.name} {seconds:.1f} s (status {status})"
+      for host, (status, seconds) in zip(hosts, ended)))
+  for host, (status, _) in zip(hosts, ended):
+    assert status not in (0, None), (host.name, status, host.output()[-5000:])  # None: hung
+    assert INJECTED in host.output(), (host.name, host.output()[-5000:])
