@@ -47,7 +47,8 @@ def test_the_two_process_pipeline_lives_in_the_bucket_and_resumes_from_it_alone(
   victim, victim_log = start(killed, teacher, str(tmp_path / "b"), str(tmp_path / "cache_b"))
   try:
     deadline = time.time() + TIMEOUT_S
-    while not gcs_helpers.student_steps("killed") and victim.poll() is None and time.time() < deadline:
+    while (not gcs_helpers.student_steps("killed") and victim.poll() is None
+           and time.time() < deadline):
       time.sleep(0.05)
     assert victim.poll() is None, open(victim_log).read()[-5000:]  # still training
     os.killpg(victim.pid, signal.SIGKILL)  # both processes and their launcher, mid-training
