@@ -15,3 +15,7 @@ try:  # torchvision (the reference of some tests) crashes when loaded after Tens
   import torchvision.models  # noqa: E402,F401
 except ImportError:
   pass
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: a long multi-process test; `-m 'not slow'` skips it")
