@@ -11,7 +11,7 @@ import pytest
 
 from dsno_jax import lock, storage
 from dsno_jax.workdir import Workdir
-from test_gcs import BUCKET, emulator  # noqa: F401  (the Cloud Storage emulator fixture)
+from gcs_helpers import BUCKET, emulator  # noqa: F401  (the Cloud Storage emulator fixture)
 
 ELSEWHERE = {"host": "another-host", "pid": 4242, "process_start": 17, "started": "yesterday",
              "what": "--mode=train", "token": "their-token"}

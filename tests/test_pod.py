@@ -12,7 +12,7 @@ from gcs_helpers import BUCKET, emulator, teacher  # noqa: F401  (fixtures)
 import pods
 import training_helpers as helpers
 
-from dsno_jax import modes, storage
+from dsno_jax import lock, modes, storage
 from dsno_jax.models import io as model_io
 from dsno_jax.workdir import Workdir
 
@@ -20,7 +20,6 @@ _UNAVAILABLE = pods.unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(_UNAVAILABLE), reason=str(_UNAVAILABLE))]
 
 TIMEOUT_S = 600  # generous: the machine may be shared
-JOB_ENV = "DSNO_JAX_JOB_ID"  # names the job whose processes may take its workdir's lock over
 # Each host's bound on its local copy of the trajectories: about 60% of the tiny data set (its
 # ArrayRecord shards take about 0.53 MB in the bucket), so no host may copy all of it, while
 # hosts that own half of the shards each still fit.
@@ -57,7 +56,7 @@ def boot(tmp_path, names, workdir, teacher_path, job, program=(), **flags):
     argv = [*(program if process_id == 1 and program else
               [helpers.python(), "-m", "dsno_jax.main"]), *main_flags]
     hosts.append(pods.start(name, str(tmp_path / name), argv,
-                            {**gcs_helpers.child_env(1), JOB_ENV: job},
+                            {**gcs_helpers.child_env(1), lock.JOB_ENV: job},
                             process_id=process_id, num_processes=len(names), port=port))
   return hosts
 
