@@ -1,0 +1,293 @@
+"""Failures and preemption in real processes: one failed process stops every process with its
+error in every log; SIGTERM stops a stage with exit status 75 at a safe point (one process or two)
+and a relaunch completes with the results of an uninterrupted run; a checkpoint that fails to
+read is moved aside only when process 0 finds it damaged, never on a transient error."""
+import glob
+import io
+import os
+import shutil
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import training_helpers as helpers
+
+from configs import tiny
+from dsno_jax import models, modes, pictures
+from dsno_jax.evaluation import sampling
+from dsno_jax.models import io as model_io
+from dsno_jax.teachers import generate
+from dsno_jax.training import checkpoints
+from dsno_jax.workdir import Workdir
+
+helpers.use_compilation_cache()
+TIMEOUT_S = 300  # generous: the machine may be shared
+STOPPED_WITHIN_S = 30  # after one process fails, every process has exited within this
+# 64 trajectories in 8 shards of 8 from the exact digits teacher, float32 targets (compared
+# exactly), in rounds of 8 examples: enough rounds that a stop lands mid-way.
+GENERATE = {"teacher.kind": "digits_mixture", "trajectory.num_examples": 64,
+            "trajectory.shard_size": 8, "trajectory.batch_size": 8,
+            "trajectory.num_steps": 4, "trajectory.targets_dtype": "float32"}
+SAMPLE = {"eval.num_samples": 64, "eval.batch_size": 8}
+
+# Runs dsno_jax.main with a fault injected in this process, chosen by DSNO_TEST_FAULT:
+# "write_503": writing a trajectory shard fails as a Cloud Storage 503 would;
+# "sigterm_after_shard": SIGTERM to this process once its first shard is written;
+# "sigterm_after_batch": SIGTERM to this process once its first batch of samples is drawn.
+DRIVER = r"""
+import os, signal, sys, time
+from absl import app
+from dsno_jax import main
+from dsno_jax.data import trajectories
+from dsno_jax.evaluation import sampling
+
+fault = os.environ.get("DSNO_TEST_FAULT", "")
+write_shard, update = trajectories.write_shard, sampling.Progress.update
+
+def failing_write(*args, **kwargs):
+  with open(os.environ["DSNO_TEST_MARKER"], "w") as f:
+    f.write(repr(time.time()))
+  raise OSError("PUT https://storage.googleapis.com/...: HTTP status 503 Service Unavailable")
+
+def write_then_sigterm(*args, **kwargs):
+  path = write_shard(*args, **kwargs)
+  os.kill(os.getpid(), signal.SIGTERM)
+  return path
+
+def update_then_sigterm(self, n):
+  update(self, n)
+  os.kill(os.getpid(), signal.SIGTERM)
+
+if fault == "write_503":
+  trajectories.write_shard = failing_write
+elif fault == "sigterm_after_shard":
+  trajectories.write_shard = write_then_sigterm
+elif fault == "sigterm_after_batch":
+  sampling.Progress.update = update_then_sigterm
+sys.argv = ["dsno_jax.main"] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+def launch(workdir, mode, overrides, num_processes=1, faults=(), tmp_path=None):
+  """dsno_jax.main processes (1 CPU device each; gloo on loopback when several), process i with
+  fault faults[i]; returns [(process, log path)]."""
+  port = helpers.free_port()
+  args = ["--config=configs/tiny.py", f"--workdir={workdir}", f"--mode={mode}"]
+  args += [f"--config.{k}={v}" for k, v in overrides.items()]
+  started = []
+  for i in range(num_processes):
+    env = helpers.subprocess_env(1)
+    if num_processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
+    env["DSNO_TEST_FAULT"] = faults[i] if i < len(faults) else ""
+    env["DSNO_TEST_MARKER"] = str(tmp_path / f"failed_{i}") if tmp_path else ""
+    log = f"{workdir}.process_{i}.log"
+    started.append((subprocess.Popen([helpers.python(), "-c", DRIVER] + args, cwd=helpers.ROOT,
+                                     env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT),
+                    log))
+  return started
+
+
+def wait_all(started, timeout_s=TIMEOUT_S):
+  """[(exit status, seconds from start to exit, log text)] of every process."""
+  start, results = time.time(), {}
+  try:
+    while len(results) < len(started) and time.time() - start < timeout_s:
+      for i, (process, _) in enumerate(started):
+        if i not in results and process.poll() is not None:
+          results[i] = time.time()
+      time.sleep(0.05)
+  finally:
+    for process, _ in started:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  return [(p.returncode, results.get(i), open(log).read()) for i, (p, log) in enumerate(started)]
+
+
+def config_with(overrides):
+  config = tiny.get_config()
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def read_dataset(directory):
+  source = tfds.builder_from_directory(directory).as_data_source(split="train")
+  examples = sorted((source[i] for i in range(len(source))), key=lambda e: int(e["index"]))
+  return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+
+
+# --- one process fails: every process stops, with its error ---------------------------------
+def test_one_failed_process_stops_every_process_with_its_error_in_every_log(tmp_path):
+  workdir = tmp_path / "run"
+  results = wait_all(launch(workdir, "generate", GENERATE, num_processes=2,
+                            faults=("", "write_503"), tmp_path=tmp_path))
+  logs = [log for _, _, log in results]
+  failed_at = float(open(tmp_path / "failed_1").read())
+  for status, exited, log in results:
+    assert status == 1 and exited is not None, (status, log[-3000:])
+  stopped = max(exited for _, exited, _ in results) - failed_at
+  print(f"from the failure to every process's exit: {stopped:.1f} s")
+  assert stopped < STOPPED_WITHIN_S, stopped
+  error = "process 1 of 2 failed: OSError: PUT https://storage.googleapis.com/...: HTTP status 503"
+  assert error in logs[0] and error in logs[1], logs[0][-3000:]
+  assert "Traceback" in logs[1] and "failing_write" in logs[1]  # the whole trace where it failed
+  assert "stopping this process (0) too" in logs[0]
+  assert not trajectories_complete(workdir)
+
+
+def trajectories_complete(workdir) -> bool:
+  from dsno_jax.data import trajectories
+  return trajectories.is_complete(Workdir(str(workdir)).trajectories(config_with(GENERATE)))
+
+
+# --- SIGTERM: exit status 75 at a safe point, and a relaunch completes alike -----------------
+@pytest.fixture(scope="module")
+def straight_trajectories(tmp_path_factory):
+  """The dataset of an uninterrupted generation on 1 and on 2 devices, in this process."""
+  config = config_with(GENERATE)
+  return {n: read_dataset(generate.generate(config, str(tmp_path_factory.mktemp(f"gen{n}")),
+                                            devices=jax.devices()[:n])) for n in (1, 2)}
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_sigterm_stops_generation_with_75_keeping_whole_shards(tmp_path, num_processes,
+                                                               straight_trajectories):
+  workdir = tmp_path / "run"
+  # one process gets SIGTERM (as in a maintenance event on one host); all stop at one round
+  results = wait_all(launch(workdir, "generate", GENERATE, num_processes,
+                            faults=("sigterm_after_shard",)))
+  for status, _, log in results:
+    assert status == modes.PREEMPTED_EXIT_STATUS, log[-3000:]
+    assert "generation stopped on SIGTERM" in log and "resume later" in log, log[-3000:]
+  from dsno_jax.data import trajectories
+  directory = Workdir(str(workdir)).trajectories(config_with(GENERATE))
+  written = trajectories.existing_shards(directory, trajectories.read_plan(directory))
+  assert 0 in written and len(written) < 8, sorted(written)
+  assert not trajectories.is_complete(directory)
+  assert not [n for n in os.listdir(directory) if n.startswith(".")]  # nothing half-written
+
+  results = wait_all(launch(workdir, "generate", GENERATE, num_processes))
+  for status, _, log in results:
+    assert status == 0, log[-3000:]
+  resumed, straight = read_dataset(directory), straight_trajectories[num_processes]
+  np.testing.assert_array_equal(resumed["index"], np.arange(64))
+  for key in straight:
+    np.testing.assert_array_equal(resumed[key], straight[key])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """A workdir holding a (freshly initialised) student export, and the export's parameters."""
+  config = tiny.get_config()
+  workdir = tmp_path_factory.mktemp("exported")
+  params = jax.device_get(models.init_student(config, jax.random.PRNGKey(3)))
+  model_io.save_model(Workdir(str(workdir)).student_export, params, config, role="student")
+  return workdir, params
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_sigterm_stops_sampling_with_75_writing_nothing(tmp_path, num_processes, exported):
+  source, params = exported
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  results = wait_all(launch(workdir, "sample", SAMPLE, num_processes,
+                            faults=("sigterm_after_batch",)))
+  for status, _, log in results:
+    assert status == modes.PREEMPTED_EXIT_STATUS, log[-3000:]
+    assert "drawing examples stopped on SIGTERM" in log, log[-3000:]
+  run = Workdir(str(workdir))
+  assert not os.path.exists(run.samples_npz)
+
+  results = wait_all(launch(workdir, "sample", SAMPLE, num_processes))
+  for status, _, log in results:
+    assert status == 0, log[-3000:]
+  drawn = np.load(io.BytesIO(open(run.samples_npz, "rb").read()))["arr_0"]
+  config = config_with(SAMPLE)
+  _, _, outputs = sampling.draw_samples(config, params, 64, 8, helpers.mesh_of(num_processes))
+  np.testing.assert_array_equal(drawn, pictures.to_uint8(outputs[:, -1]))
+
+
+# --- a checkpoint that fails to read: moved aside only when damaged, by process 0 -------------
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("two_checkpoints")
+  helpers.run_student(workdir, helpers.trajectory_pool(helpers.student_config()), num_steps=2,
+                      checkpoint_every=1, mesh=helpers.mesh_of(1))
+  return workdir
+
+
+def restore(workdir):
+  """The step a resumed student run of `workdir` starts from."""
+  from dsno_jax.training import objectives, step
+  config = helpers.student_config(num_steps=6)
+  objective = objectives.student_objective(config, [0.0, 1.0, 2.0, 3.0])
+  run = step.jit_run(config, objective, helpers.mesh_of(1))
+  manager = checkpoints.make_manager(str(workdir), "student", config.train)
+  try:
+    state = checkpoints.restore_latest(manager, run.abstract_state, run.state_shardings, config,
+                                       "student")
+  finally:
+    checkpoints.close(manager)
+  return int(state.step)
+
+
+def test_a_transient_read_error_leaves_the_checkpoint_in_place(tmp_path, two_checkpoints,
+                                                                monkeypatch):
+  shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+  reads = []
+
+  def unavailable(self, step, *args, **kwargs):
+    reads.append(step)
+    raise ValueError("UNAVAILABLE: HTTP response code: 503 with body: Service Unavailable")
+
+  monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "restore", unavailable)
+  with pytest.raises(RuntimeError, match=r"checkpoints/student/2 failed \(ValueError: "
+                                         r"UNAVAILABLE.*not the files; it is left as it is"):
+    restore(tmp_path)
+  assert reads == [2] * checkpoints._READ_ATTEMPTS  # tried again, then stopped
+  directory = tmp_path / "checkpoints" / "student"
+  assert sorted(os.listdir(directory)) == ["1", "2", "config.json"]  # nothing renamed
+  monkeypatch.undo()
+  assert restore(tmp_path) == 2
+
+
+def test_process_zeros_verdict_decides_the_move_aside(tmp_path, two_checkpoints, monkeypatch):
+  """As process 1 of 2: whether its own read succeeds or fails, process 0's verdict decides."""
+  directory = tmp_path / "checkpoints" / "student"
+  shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+  process_0 = []  # process 0's verdicts on the coming reads; then it reads every one
+
+  def all_processes(local):
+    return np.asarray([process_0.pop(0) if process_0 else checkpoints._READ, local])
+
+  monkeypatch.setattr(checkpoints.parallel, "all_processes", all_processes)
+  monkeypatch.setattr(checkpoints.parallel, "barrier", lambda name: None)
+  monkeypatch.setattr(checkpoints.jax, "process_index", lambda: 1)
+  process_0[:] = [checkpoints._DAMAGED]  # process 0 finds step 2 damaged, this one reads it
+  assert restore(tmp_path) == 1  # the step before it, on every process
+  assert sorted(os.listdir(directory)) == ["1", "2", "config.json"]  # process 0 renames
+  monkeypatch.setattr(checkpoints.jax, "process_index", lambda: 0)
+  process_0[:] = [checkpoints._DAMAGED]
+  assert restore(tmp_path) == 1
+  assert len(glob.glob(str(directory / "2.damaged-*"))) == 1
+
+  shutil.rmtree(tmp_path / "checkpoints")
+  shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+  monkeypatch.setattr(checkpoints.jax, "process_index", lambda: 1)
+  with open(directory / "2" / "default" / "_METADATA", "wb") as f:  # damaged for this one
+    f.write(b"garbage")
+  with pytest.raises(RuntimeError, match=r"checkpoints/student/2 failed on process 1 .*though "
+                                         r"process 0 read it; it is left as it is"):
+    restore(tmp_path)  # process 0 read it: this process's failure is an error, nothing renamed
+  assert sorted(os.listdir(directory)) == ["1", "2", "config.json"]
