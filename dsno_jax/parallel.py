@@ -94,11 +94,23 @@ def _exit_now(status: int):
   os._exit(status)  # pylint: disable=protected-access
 
 
-def _mark_seen(client):
+def _stop_after_failure(client):
+  """Records that this process has logged the failure, then ends it (status 1).
+
+  Process 0 hosts the coordination service, so it ends last: had it gone first, the others
+  would abort in JAX's error handler before logging anything.
+  """
   try:
     client.key_value_set(f"{_SEEN_DIR}{jax.process_index()}", "seen")
+    deadline = time.time() + _SEEN_WAIT_S
+    while jax.process_index() == 0 and time.time() < deadline:
+      if len(client.key_value_dir_get(_SEEN_DIR)) >= jax.process_count():
+        time.sleep(0.5)  # the last of them is still exiting
+        break
+      time.sleep(0.1)
   except Exception:  # pylint: disable=broad-except
-    pass  # the service is gone: its process has exited already
+    pass  # the service is gone: process 0 has exited already
+  _exit_now(FAILED_EXIT_STATUS)
 
 
 def _start_failure_watch():
@@ -118,8 +130,7 @@ def _start_failure_watch():
       except Exception:  # pylint: disable=broad-except
         continue  # not found: nothing failed (if the service died, JAX's heartbeats end us)
       logging.error("stopping this process (%d) too: %s", jax.process_index(), message)
-      _mark_seen(client)
-      _exit_now(FAILED_EXIT_STATUS)
+      _stop_after_failure(client)
 
   threading.Thread(target=watch, name="dsno_jax_failure_watch", daemon=True).start()
   atexit.register(stop.set)  # registered after JAX's handlers, so it runs before them
@@ -134,25 +145,16 @@ def fail_every_process(error: BaseException) -> None:
   if not (jax.distributed.is_initialized() and jax.process_count() > 1):
     return
   client = _client()
-  logging.error("process %d failed:", jax.process_index(), exc_info=error)
   _watch["reported"] = True
   first = (str(error).strip().splitlines() or [""])[0]
   message = f"process {jax.process_index()} of {jax.process_count()} failed: " \
             f"{type(error).__name__}: {first}"
+  logging.error("%s; stopping every process", message, exc_info=error)
   try:
     client.key_value_set(_FAILURE_KEY, message)
   except Exception:  # pylint: disable=broad-except
     pass  # another process reported its failure first: the others are stopping already
-  _mark_seen(client)
-  deadline = time.time() + _SEEN_WAIT_S
-  while time.time() < deadline:
-    try:
-      if len(client.key_value_dir_get(_SEEN_DIR)) >= jax.process_count():
-        break
-    except Exception:  # pylint: disable=broad-except
-      break  # the service (process 0) has exited: it logged the failure first
-    time.sleep(0.1)
-  _exit_now(FAILED_EXIT_STATUS)
+  _stop_after_failure(client)
 
 
 def make_mesh() -> Mesh:
