@@ -33,10 +33,12 @@ GENERATE = {"teacher.kind": "digits_mixture", "trajectory.num_examples": 64,
             "trajectory.num_steps": 4, "trajectory.targets_dtype": "float32"}
 SAMPLE = {"eval.num_samples": 64, "eval.batch_size": 8}
 
-# Runs dsno_jax.main with a fault injected in this process, chosen by DSNO_TEST_FAULT:
+# Runs dsno_jax.main with faults injected in this process, named in DSNO_TEST_FAULTS:
 # "write_503": writing a trajectory shard fails as a Cloud Storage 503 would;
-# "sigterm_after_shard": SIGTERM to this process once its first shard is written;
-# "sigterm_after_batch": SIGTERM to this process once its first batch of samples is drawn.
+# "sigterm_after_shard" / "sigterm_after_batch": SIGTERM to this process once its first shard
+# is written / its first batch of samples drawn;
+# "slow": each shard write / batch of samples takes 0.3 s more, as on a real data set, so that
+# a stop agreed between processes (JAX's preemption sync takes some 0.5 s) lands mid-way.
 DRIVER = r"""
 import os, signal, sys, time
 from absl import app
@@ -44,7 +46,7 @@ from dsno_jax import main
 from dsno_jax.data import trajectories
 from dsno_jax.evaluation import sampling
 
-fault = os.environ.get("DSNO_TEST_FAULT", "")
+faults = os.environ.get("DSNO_TEST_FAULTS", "").split(",")
 write_shard, update = trajectories.write_shard, sampling.Progress.update
 
 def failing_write(*args, **kwargs):
@@ -52,21 +54,25 @@ def failing_write(*args, **kwargs):
     f.write(repr(time.time()))
   raise OSError("PUT https://storage.googleapis.com/...: HTTP status 503 Service Unavailable")
 
-def write_then_sigterm(*args, **kwargs):
+def write(*args, **kwargs):
   path = write_shard(*args, **kwargs)
-  os.kill(os.getpid(), signal.SIGTERM)
+  if "sigterm_after_shard" in faults:
+    faults.remove("sigterm_after_shard")
+    os.kill(os.getpid(), signal.SIGTERM)
+  if "slow" in faults:
+    time.sleep(0.3)
   return path
 
-def update_then_sigterm(self, n):
+def update_batch(self, n):
   update(self, n)
-  os.kill(os.getpid(), signal.SIGTERM)
+  if "sigterm_after_batch" in faults:
+    faults.remove("sigterm_after_batch")
+    os.kill(os.getpid(), signal.SIGTERM)
+  if "slow" in faults:
+    time.sleep(0.3)
 
-if fault == "write_503":
-  trajectories.write_shard = failing_write
-elif fault == "sigterm_after_shard":
-  trajectories.write_shard = write_then_sigterm
-elif fault == "sigterm_after_batch":
-  sampling.Progress.update = update_then_sigterm
+trajectories.write_shard = failing_write if "write_503" in faults else write
+sampling.Progress.update = update_batch
 sys.argv = ["dsno_jax.main"] + sys.argv[1:]
 app.run(main.main)
 """
@@ -74,7 +80,7 @@ app.run(main.main)
 
 def launch(workdir, mode, overrides, num_processes=1, faults=(), tmp_path=None):
   """dsno_jax.main processes (1 CPU device each; gloo on loopback when several), process i with
-  fault faults[i]; returns [(process, log path)]."""
+  the faults faults[i] (see DRIVER); returns [(process, log path)]."""
   port = helpers.free_port()
   args = ["--config=configs/tiny.py", f"--workdir={workdir}", f"--mode={mode}"]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
@@ -84,7 +90,7 @@ def launch(workdir, mode, overrides, num_processes=1, faults=(), tmp_path=None):
     if num_processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                  JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
-    env["DSNO_TEST_FAULT"] = faults[i] if i < len(faults) else ""
+    env["DSNO_TEST_FAULTS"] = faults[i] if i < len(faults) else ""
     env["DSNO_TEST_MARKER"] = str(tmp_path / f"failed_{i}") if tmp_path else ""
     log = f"{workdir}.process_{i}.log"
     started.append((subprocess.Popen([helpers.python(), "-c", DRIVER] + args, cwd=helpers.ROOT,
@@ -166,7 +172,7 @@ def test_sigterm_stops_generation_with_75_keeping_whole_shards(tmp_path, num_pro
   workdir = tmp_path / "run"
   # one process gets SIGTERM (as in a maintenance event on one host); all stop at one round
   results = wait_all(launch(workdir, "generate", GENERATE, num_processes,
-                            faults=("sigterm_after_shard",)))
+                            faults=("slow,sigterm_after_shard", "slow")))
   for status, _, log in results:
     assert status == modes.PREEMPTED_EXIT_STATUS, log[-3000:]
     assert "generation stopped on SIGTERM" in log and "resume later" in log, log[-3000:]
@@ -202,7 +208,7 @@ def test_sigterm_stops_sampling_with_75_writing_nothing(tmp_path, num_processes,
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
   results = wait_all(launch(workdir, "sample", SAMPLE, num_processes,
-                            faults=("sigterm_after_batch",)))
+                            faults=("slow,sigterm_after_batch", "slow")))
   for status, _, log in results:
     assert status == modes.PREEMPTED_EXIT_STATUS, log[-3000:]
     assert "drawing examples stopped on SIGTERM" in log, log[-3000:]
