@@ -54,13 +54,17 @@ def listening():
       _received.clear()
 
 
-def reached() -> bool:
-  """Whether to stop here; the same answer on every process (all must call this alike)."""
+def reached(step: int = 0) -> bool:
+  """Whether to stop here; the same answer on every process (all must call this alike).
+
+  A training loop passes its step: orbax's saves tell the sync manager that step too, and
+  the counter the manager sees must never go down.
+  """
   global _asked
   if jax.process_count() == 1:
     return _received.is_set()
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  _asked += 1  # increasing over the whole process, across stages, as the sync manager needs
+  _asked = max(_asked + 1, step)  # increasing over the whole process, across stages
   return multihost_utils.reached_preemption_sync_point(_asked)
 
 

@@ -1,8 +1,6 @@
 """Failures and preemption in real processes: one failed process stops every process with its
 error in every log; SIGTERM stops a stage with exit status 75 at a safe point (one process or two)
-and a relaunch completes with the results of an uninterrupted run; a checkpoint that fails to
-read is moved aside only when process 0 finds it damaged, never on a transient error."""
-import glob
+and a relaunch completes with the results of an uninterrupted run."""
 import io
 import os
 import shutil
@@ -12,15 +10,15 @@ import time
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 import training_helpers as helpers
+from test_generate import _config, _read_all
 
 from configs import tiny
 from dsno_jax import models, modes, pictures
+from dsno_jax.data import trajectories
 from dsno_jax.evaluation import sampling
 from dsno_jax.models import io as model_io
 from dsno_jax.teachers import generate
-from dsno_jax.training import checkpoints
 from dsno_jax.workdir import Workdir
 
 helpers.use_compilation_cache()
@@ -100,7 +98,7 @@ def launch(workdir, mode, overrides, num_processes=1, faults=(), tmp_path=None):
 
 
 def wait_all(started, timeout_s=TIMEOUT_S):
-  """[(exit status, seconds from start to exit, log text)] of every process."""
+  """[(exit status, when it exited (time.time()), log text)] of every process."""
   start, results = time.time(), {}
   try:
     while len(results) < len(started) and time.time() - start < timeout_s:
@@ -114,23 +112,6 @@ def wait_all(started, timeout_s=TIMEOUT_S):
         process.kill()
         process.wait()
   return [(p.returncode, results.get(i), open(log).read()) for i, (p, log) in enumerate(started)]
-
-
-def config_with(overrides):
-  config = tiny.get_config()
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return config
-
-
-def read_dataset(directory):
-  source = tfds.builder_from_directory(directory).as_data_source(split="train")
-  examples = sorted((source[i] for i in range(len(source))), key=lambda e: int(e["index"]))
-  return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
 
 
 # --- one process fails: every process stops, with its error ---------------------------------
@@ -149,21 +130,16 @@ def test_one_failed_process_stops_every_process_with_its_error_in_every_log(tmp_
   assert error in logs[0] and error in logs[1], logs[0][-3000:]
   assert "Traceback" in logs[1] and "failing_write" in logs[1]  # the whole trace where it failed
   assert "stopping this process (0) too" in logs[0]
-  assert not trajectories_complete(workdir)
-
-
-def trajectories_complete(workdir) -> bool:
-  from dsno_jax.data import trajectories
-  return trajectories.is_complete(Workdir(str(workdir)).trajectories(config_with(GENERATE)))
+  assert not trajectories.is_complete(Workdir(str(workdir)).trajectories(_config(GENERATE)))
 
 
 # --- SIGTERM: exit status 75 at a safe point, and a relaunch completes alike -----------------
 @pytest.fixture(scope="module")
 def straight_trajectories(tmp_path_factory):
   """The dataset of an uninterrupted generation on 1 and on 2 devices, in this process."""
-  config = config_with(GENERATE)
-  return {n: read_dataset(generate.generate(config, str(tmp_path_factory.mktemp(f"gen{n}")),
-                                            devices=jax.devices()[:n])) for n in (1, 2)}
+  config = _config(GENERATE)
+  return {n: _read_all(generate.generate(config, str(tmp_path_factory.mktemp(f"gen{n}")),
+                                         devices=jax.devices()[:n])) for n in (1, 2)}
 
 
 @pytest.mark.parametrize("num_processes", [1, 2])
@@ -176,8 +152,7 @@ def test_sigterm_stops_generation_with_75_keeping_whole_shards(tmp_path, num_pro
   for status, _, log in results:
     assert status == modes.PREEMPTED_EXIT_STATUS, log[-3000:]
     assert "generation stopped on SIGTERM" in log and "resume later" in log, log[-3000:]
-  from dsno_jax.data import trajectories
-  directory = Workdir(str(workdir)).trajectories(config_with(GENERATE))
+  directory = Workdir(str(workdir)).trajectories(_config(GENERATE))
   written = trajectories.existing_shards(directory, trajectories.read_plan(directory))
   assert 0 in written and len(written) < 8, sorted(written)
   assert not trajectories.is_complete(directory)
@@ -186,7 +161,7 @@ def test_sigterm_stops_generation_with_75_keeping_whole_shards(tmp_path, num_pro
   results = wait_all(launch(workdir, "generate", GENERATE, num_processes))
   for status, _, log in results:
     assert status == 0, log[-3000:]
-  resumed, straight = read_dataset(directory), straight_trajectories[num_processes]
+  resumed, straight = _read_all(directory), straight_trajectories[num_processes]
   np.testing.assert_array_equal(resumed["index"], np.arange(64))
   for key in straight:
     np.testing.assert_array_equal(resumed[key], straight[key])
@@ -219,81 +194,6 @@ def test_sigterm_stops_sampling_with_75_writing_nothing(tmp_path, num_processes,
   for status, _, log in results:
     assert status == 0, log[-3000:]
   drawn = np.load(io.BytesIO(open(run.samples_npz, "rb").read()))["arr_0"]
-  config = config_with(SAMPLE)
+  config = _config(SAMPLE)
   _, _, outputs = sampling.draw_samples(config, params, 64, 8, helpers.mesh_of(num_processes))
   np.testing.assert_array_equal(drawn, pictures.to_uint8(outputs[:, -1]))
-
-
-# --- a checkpoint that fails to read: moved aside only when damaged, by process 0 -------------
-@pytest.fixture(scope="module")
-def two_checkpoints(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("two_checkpoints")
-  helpers.run_student(workdir, helpers.trajectory_pool(helpers.student_config()), num_steps=2,
-                      checkpoint_every=1, mesh=helpers.mesh_of(1))
-  return workdir
-
-
-def restore(workdir):
-  """The step a resumed student run of `workdir` starts from."""
-  from dsno_jax.training import objectives, step
-  config = helpers.student_config(num_steps=6)
-  objective = objectives.student_objective(config, [0.0, 1.0, 2.0, 3.0])
-  run = step.jit_run(config, objective, helpers.mesh_of(1))
-  manager = checkpoints.make_manager(str(workdir), "student", config.train)
-  try:
-    state = checkpoints.restore_latest(manager, run.abstract_state, run.state_shardings, config,
-                                       "student")
-  finally:
-    checkpoints.close(manager)
-  return int(state.step)
-
-
-def test_a_transient_read_error_leaves_the_checkpoint_in_place(tmp_path, two_checkpoints,
-                                                                monkeypatch):
-  shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
-  reads = []
-
-  def unavailable(self, step, *args, **kwargs):
-    reads.append(step)
-    raise ValueError("UNAVAILABLE: HTTP response code: 503 with body: Service Unavailable")
-
-  monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "restore", unavailable)
-  with pytest.raises(RuntimeError, match=r"checkpoints/student/2 failed \(ValueError: "
-                                         r"UNAVAILABLE.*not the files; it is left as it is"):
-    restore(tmp_path)
-  assert reads == [2] * checkpoints._READ_ATTEMPTS  # tried again, then stopped
-  directory = tmp_path / "checkpoints" / "student"
-  assert sorted(os.listdir(directory)) == ["1", "2", "config.json"]  # nothing renamed
-  monkeypatch.undo()
-  assert restore(tmp_path) == 2
-
-
-def test_process_zeros_verdict_decides_the_move_aside(tmp_path, two_checkpoints, monkeypatch):
-  """As process 1 of 2: whether its own read succeeds or fails, process 0's verdict decides."""
-  directory = tmp_path / "checkpoints" / "student"
-  shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
-  process_0 = []  # process 0's verdicts on the coming reads; then it reads every one
-
-  def all_processes(local):
-    return np.asarray([process_0.pop(0) if process_0 else checkpoints._READ, local])
-
-  monkeypatch.setattr(checkpoints.parallel, "all_processes", all_processes)
-  monkeypatch.setattr(checkpoints.parallel, "barrier", lambda name: None)
-  monkeypatch.setattr(checkpoints.jax, "process_index", lambda: 1)
-  process_0[:] = [checkpoints._DAMAGED]  # process 0 finds step 2 damaged, this one reads it
-  assert restore(tmp_path) == 1  # the step before it, on every process
-  assert sorted(os.listdir(directory)) == ["1", "2", "config.json"]  # process 0 renames
-  monkeypatch.setattr(checkpoints.jax, "process_index", lambda: 0)
-  process_0[:] = [checkpoints._DAMAGED]
-  assert restore(tmp_path) == 1
-  assert len(glob.glob(str(directory / "2.damaged-*"))) == 1
-
-  shutil.rmtree(tmp_path / "checkpoints")
-  shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
-  monkeypatch.setattr(checkpoints.jax, "process_index", lambda: 1)
-  with open(directory / "2" / "default" / "_METADATA", "wb") as f:  # damaged for this one
-    f.write(b"garbage")
-  with pytest.raises(RuntimeError, match=r"checkpoints/student/2 failed on process 1 .*though "
-                                         r"process 0 read it; it is left as it is"):
-    restore(tmp_path)  # process 0 read it: this process's failure is an error, nothing renamed
-  assert sorted(os.listdir(directory)) == ["1", "2", "config.json"]

@@ -154,7 +154,7 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
       done = step + 1
       pending.append((done, metrics))
       report(done)
-      preempted = preemption.reached()  # every process alike, after every step
+      preempted = preemption.reached(done)  # every process alike, after every step
       save_now = done % settings.checkpoint_every == 0 or done == settings.num_steps or preempted
       if save_now or done % settings.log_every == 0:
         fetched = _check_finite(pending, manager, section)
