@@ -1,4 +1,5 @@
-"""Device mesh, shardings, per-host input, gathering to the host, and multi-process start-up."""
+"""Device mesh, shardings, per-host input, gathering to the host, multi-process start-up, and one
+failed process stopping them all."""
 import atexit
 import logging as python_logging
 import os

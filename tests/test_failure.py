@@ -197,3 +197,35 @@ def test_sigterm_stops_sampling_with_75_writing_nothing(tmp_path, num_processes,
   config = _config(SAMPLE)
   _, _, outputs = sampling.draw_samples(config, params, 64, 8, helpers.mesh_of(num_processes))
   np.testing.assert_array_equal(drawn, pictures.to_uint8(outputs[:, -1]))
+
+
+# --- TensorBoard events reach the bucket as the run goes -------------------------------------
+def test_tensorboard_events_are_uploaded_every_interval_and_at_close(tmp_path, monkeypatch,
+                                                                      caplog):
+  from dsno_jax import storage
+  from dsno_jax.training import reporting
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+  uploads, failures = [], []  # (time, files then under the local event directory)
+
+  def upload_tree(local, remote):
+    assert remote == "gs://bucket/run/logs/student"
+    if len(uploads) == 1 and not failures:  # the second upload fails once: retried later
+      failures.append(time.monotonic())
+      raise OSError("HTTP status 503 Service Unavailable")
+    uploads.append((time.monotonic(), sorted(os.listdir(local))))
+
+  monkeypatch.setattr(reporting.storage, "upload_tree", upload_tree)
+  writer = reporting.make_writer("gs://bucket/run", "student", upload_every_s=0.5)
+  start = time.monotonic()
+  writer.write_scalars(1, {"loss": 1.0})
+  assert not uploads  # not yet due
+  for step in range(2, 60):
+    time.sleep(0.05)
+    writer.write_scalars(step, {"loss": 1.0 / step})
+  assert len(uploads) >= 1 and uploads[0][0] - start >= 0.5, uploads
+  assert uploads[0][1] and all(name.startswith("events.out") for name in uploads[0][1])
+  assert failures and len(uploads) >= 2, uploads  # uploads went on after the failed one
+  assert "uploading the TensorBoard events to gs://bucket/run/logs/student failed" in caplog.text
+  uploaded = len(uploads)
+  writer.close()
+  assert len(uploads) == uploaded + 1  # and once more at the end

@@ -32,7 +32,7 @@ class _UploadingWriter(metric_writers.MultiWriter):
     except Exception as e:  # pylint: disable=broad-except
       self._uploaded = time.monotonic()  # a failed upload (a 503) is retried at the next one
       logging.warning("uploading the TensorBoard events to %s failed (%s: %s); retrying in "
-                      "%.0f s", self._remote, type(e).__name__, e, self._upload_every_s)
+                      "%g s", self._remote, type(e).__name__, e, self._upload_every_s)
 
   def write_scalars(self, step, scalars):
     super().write_scalars(step, scalars)
