@@ -26,7 +26,7 @@ FAILED_EXIT_STATUS = 1
 _FAILURE_KEY = "dsno_jax/failure"  # coordination-service key: the first failure's message
 _SEEN_DIR = "dsno_jax/failure_seen/"  # one key per process that has logged it
 _WATCH_EVERY_S = 1.0
-_SEEN_WAIT_S = 20.0  # how long a failing process waits for the others to log its failure
+_SEEN_WAIT_S = 20.0  # how long process 0 (the service) waits for the others to log a failure
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -134,7 +134,7 @@ def _start_failure_watch():
       _stop_after_failure(client)
 
   threading.Thread(target=watch, name="dsno_jax_failure_watch", daemon=True).start()
-  atexit.register(stop.set)  # registered after JAX's handlers, so it runs before them
+  atexit.register(stop.set)  # a run that ends normally stops watching
 
 
 def fail_every_process(error: BaseException) -> None:

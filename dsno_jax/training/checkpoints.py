@@ -23,7 +23,8 @@ SETTINGS_SECTIONS = {"teacher": "teacher.train", "student": "train", "refine": "
 # Config fields that may change when a run resumes: how long, how visibly and how fast it
 # trains, how the work is spread, where its inputs live. Every other field of the role's
 # sections gives the saved state its meaning and must match the checkpoints' config.json.
-RESUMABLE_FIELDS = ("profile", "tensorboard_upload_every_s", "distributed", "eval", "data.data_dir", "data.num_workers",
+RESUMABLE_FIELDS = ("profile", "distributed", "eval", "data.data_dir", "data.num_workers",
+                    "tensorboard_upload_every_s",
                     "refine.in_pipeline",
                     "trajectory.dir", "model.remat", "model.time_conv_impl") + tuple(
     f"{section}.{name}" for section in SETTINGS_SECTIONS.values()
@@ -221,8 +222,8 @@ _READ_ATTEMPTS = 3  # tries at a read that fails with a transient error
 # Failures that say nothing about the files: the network or the storage service (a 503, a
 # timeout); TensorStore names them by their status codes.
 _TRANSIENT = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED)\b|"
-                        r"\b(HTTP|status|code)\D{0,20}(408|429|5\d\d)\b|Service Unavailable|"
-                        r"Too Many Requests|Connection (reset|refused|aborted)", re.IGNORECASE)
+                        r"(?i:\b(HTTP|status|code)\D{0,20}(408|429|5\d\d)\b|service unavailable|"
+                        r"too many requests|connection (reset|refused|aborted))")
 _READ, _DAMAGED, _TRANSIENT_FAILURE = 0, 1, 2  # the verdicts on one read of a step
 
 
