@@ -1,6 +1,7 @@
 """Failures and preemption in real processes: one failed process stops every process with its
 error in every log; SIGTERM stops a stage with exit status 75 at a safe point (one process or two)
-and a relaunch completes with the results of an uninterrupted run."""
+and a relaunch completes with the results of an uninterrupted run; TensorBoard events reach the
+bucket as a run goes."""
 import io
 import os
 import shutil
@@ -14,11 +15,12 @@ import training_helpers as helpers
 from test_generate import _config, _read_all
 
 from configs import tiny
-from dsno_jax import models, modes, pictures
+from dsno_jax import models, modes, pictures, storage
 from dsno_jax.data import trajectories
 from dsno_jax.evaluation import sampling
 from dsno_jax.models import io as model_io
 from dsno_jax.teachers import generate
+from dsno_jax.training import reporting
 from dsno_jax.workdir import Workdir
 
 helpers.use_compilation_cache()
@@ -202,8 +204,6 @@ def test_sigterm_stops_sampling_with_75_writing_nothing(tmp_path, num_processes,
 # --- TensorBoard events reach the bucket as the run goes -------------------------------------
 def test_tensorboard_events_are_uploaded_every_interval_and_at_close(tmp_path, monkeypatch,
                                                                       caplog):
-  from dsno_jax import storage
-  from dsno_jax.training import reporting
   monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
   uploads, failures = [], []  # (time, files then under the local event directory)
 
