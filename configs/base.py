@@ -182,4 +182,6 @@ def get_config():
   distributed.process_id = -1  # this process (-1 = JAX_PROCESS_ID or auto-detect)
 
   config.profile = False  # write a jax.profiler trace of a few steps
+  # seconds between uploads of a gs:// workdir's TensorBoard events (also uploaded at the end)
+  config.tensorboard_upload_every_s = 300.0
   return config

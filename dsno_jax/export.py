@@ -5,7 +5,7 @@ from typing import Dict, Tuple
 from absl import logging
 import ml_collections
 
-from dsno_jax import models, parallel
+from dsno_jax import models, parallel, preemption
 from dsno_jax.models import io as model_io
 from dsno_jax.training import checkpoints
 from dsno_jax.workdir import Workdir
@@ -26,6 +26,7 @@ def export_student(config, workdir: str) -> str:
   abstract = models.param_shapes(models.init_student, config)
   mesh = parallel.make_mesh()
   params, step = checkpoints.restore_ema_params(workdir, "student", abstract, config, mesh)
+  preemption.check("export")  # before anything is written
   path = model_io.save_model(Workdir(workdir).student_export, parallel.to_host(params, mesh),
                              config, role="student")
   parallel.barrier("dsno_jax:export_student")  # process 0 finishes the export's files last
@@ -45,6 +46,7 @@ def export_refined(config, workdir: str) -> str:
   abstract = refine.param_shapes(config)
   mesh = parallel.make_mesh()
   params, step = checkpoints.restore_ema_params(workdir, "refine", abstract, config, mesh)
+  preemption.check("export of the refined student")  # before anything is written
   path = model_io.save_model(Workdir(workdir).refined_export,
                              parallel.to_host(params[refine.GENERATOR], mesh), config,
                              role="student")

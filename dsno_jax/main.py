@@ -4,7 +4,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsno_jax import lock, modes  # importing dsno_jax adds the XLA:CPU flag (dsno_jax/backend.py)
+# importing dsno_jax adds the XLA:CPU flag (dsno_jax/backend.py)
+from dsno_jax import lock, modes, parallel
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
@@ -19,11 +20,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-  except lock.WorkdirInUseError as e:  # an expected situation: the message, no traceback
-    sys.exit(f"error: {e}")
   except modes.Preempted as e:  # resume later: the launchers requeue on this status
     logging.warning("%s; exiting with status %d (resume later)", e, modes.PREEMPTED_EXIT_STATUS)
     sys.exit(modes.PREEMPTED_EXIT_STATUS)
+  except Exception as e:  # pylint: disable=broad-except
+    # with several processes: every process logs this one's error and exits now (status 1)
+    parallel.fail_every_process(e)
+    if isinstance(e, lock.WorkdirInUseError):  # an expected situation: the message, no traceback
+      sys.exit(f"error: {e}")
+    raise
 
 
 if __name__ == "__main__":

@@ -8,16 +8,13 @@ from typing import Callable, List, Optional, Tuple
 
 from absl import logging
 
-from dsno_jax import storage
+from dsno_jax import preemption, storage
 from dsno_jax.workdir import Workdir
 
-# The exit status of a run stopped for preemption after saving its checkpoint (sysexits'
-# EX_TEMPFAIL): launchers resume it later; it never goes on to the next stage.
-PREEMPTED_EXIT_STATUS = 75
-
-
-class Preempted(Exception):
-  """Training stopped for preemption (SIGTERM) after saving a checkpoint: resume later."""
+# The exit status of a run stopped for preemption (SIGTERM) at a safe point, after its
+# checkpoint where it has one: launchers resume it later; it never goes on to the next stage.
+PREEMPTED_EXIT_STATUS = preemption.EXIT_STATUS
+Preempted = preemption.Preempted
 
 
 def train_teacher(config, workdir: str) -> Optional[str]:
@@ -141,6 +138,7 @@ def pipeline(config, workdir: str):
   """Every stage in order, skipping finished ones; once one runs, every later one runs too."""
   timings, upstream_ran = [], False
   for name, is_done, run in stages(config, workdir):
+    preemption.check(f"the pipeline, before {name},")
     if not upstream_ran and _agreed(is_done):
       logging.info("pipeline: %s is done, skipping", name)
       timings.append((name, "skipped"))
@@ -172,4 +170,5 @@ def run(mode: str, config, workdir: str):
   from dsno_jax import lock, parallel
   parallel.initialize_distributed(config)  # before jax.process_index() starts the backends
   with lock.hold(Workdir(workdir).lock, f"--mode={mode}", enabled=jax.process_index() == 0):
-    return MODES[mode](config, workdir)
+    with preemption.listening():
+      return MODES[mode](config, workdir)

@@ -1,5 +1,11 @@
-"""Device mesh, shardings, per-host input, gathering to the host, and multi-process start-up."""
+"""Device mesh, shardings, per-host input, gathering to the host, multi-process start-up, and one
+failed process stopping them all."""
+import atexit
+import logging as python_logging
 import os
+import sys
+import threading
+import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import jax
@@ -7,10 +13,20 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dsno_jax import preemption
+
 DATA_AXIS = "data"
 # Parameters smaller than this (elements) stay replicated under FSDP: sharding them saves
 # little memory and costs one all-gather each.
 FSDP_MIN_SIZE = 2 ** 14
+# Longest wait at a barrier for a process that is alive but stuck (one that failed or died ends
+# the wait at once through `fail_every_process`, or within JAX's heartbeat timeout).
+BARRIER_TIMEOUT_S = 600
+FAILED_EXIT_STATUS = 1
+_FAILURE_KEY = "dsno_jax/failure"  # coordination-service key: the first failure's message
+_SEEN_DIR = "dsno_jax/failure_seen/"  # one key per process that has logged it
+_WATCH_EVERY_S = 1.0
+_SEEN_WAIT_S = 20.0  # how long process 0 (the service) waits for the others to log a failure
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -57,6 +73,89 @@ def initialize_distributed(config) -> None:
                                process_id=process_id)
   elif _cluster_env_says_multiprocess():
     jax.distributed.initialize()
+  if jax.distributed.is_initialized() and jax.process_count() > 1:
+    _start_failure_watch()
+
+
+def _client():
+  """The coordination service's client of this process (JAX has no public handle), or None."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
+_watch = {"stop": threading.Event(), "reported": False}
+
+
+def _exit_now(status: int):
+  """Ends the process at once: JAX's shutdown would first wait for every other process."""
+  for handler in python_logging.getLogger().handlers:
+    handler.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def _stop_after_failure(client):
+  """Records that this process has logged the failure, then ends it (status 1).
+
+  Process 0 hosts the coordination service, so it ends last: had it gone first, the others
+  would abort in JAX's error handler before logging anything.
+  """
+  try:
+    client.key_value_set(f"{_SEEN_DIR}{jax.process_index()}", "seen")
+    deadline = time.time() + _SEEN_WAIT_S
+    while jax.process_index() == 0 and time.time() < deadline:
+      if len(client.key_value_dir_get(_SEEN_DIR)) >= jax.process_count():
+        time.sleep(0.5)  # the last of them is still exiting
+        break
+      time.sleep(0.1)
+  except Exception:  # pylint: disable=broad-except
+    pass  # the service is gone: process 0 has exited already
+  _exit_now(FAILED_EXIT_STATUS)
+
+
+def _start_failure_watch():
+  """A daemon thread that logs another process's failure and ends this one (status 1).
+
+  A process blocked in a collective or a barrier cannot raise; without this it would wait for
+  the failed process until a timeout.
+  """
+  client, stop = _client(), _watch["stop"]
+
+  def watch():
+    while not stop.wait(_WATCH_EVERY_S):
+      if _watch["reported"]:
+        return
+      try:
+        message = client.key_value_try_get(_FAILURE_KEY)
+      except Exception:  # pylint: disable=broad-except
+        continue  # not found: nothing failed (if the service died, JAX's heartbeats end us)
+      logging.error("stopping this process (%d) too: %s", jax.process_index(), message)
+      _stop_after_failure(client)
+
+  threading.Thread(target=watch, name="dsno_jax_failure_watch", daemon=True).start()
+  atexit.register(stop.set)  # a run that ends normally stops watching
+
+
+def fail_every_process(error: BaseException) -> None:
+  """Logs `error`, has every other process log it and exit, and ends this process (status 1).
+
+  With one process, returns (the caller raises as usual). With several, the others stop within
+  about a second, wherever they wait; this one skips JAX's shutdown, which would wait for them.
+  """
+  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+    return
+  client = _client()
+  _watch["reported"] = True
+  first = (str(error).strip().splitlines() or [""])[0]
+  message = f"process {jax.process_index()} of {jax.process_count()} failed: " \
+            f"{type(error).__name__}: {first}"
+  logging.error("%s; stopping every process", message, exc_info=error)
+  try:
+    client.key_value_set(_FAILURE_KEY, message)
+  except Exception:  # pylint: disable=broad-except
+    pass  # another process reported its failure first: the others are stopping already
+  _stop_after_failure(client)
 
 
 def make_mesh() -> Mesh:
@@ -118,12 +217,19 @@ def global_batch(local_batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, ja
           for name, value in local_batch.items()}
 
 
-def barrier(name: str, timeout_s: int = 1800) -> None:
-  """Waits until every process gets here (the coordination service's barrier, no collective)."""
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+  """Waits until every process gets here (the coordination service's barrier, no collective);
+  TimeoutError after timeout_s."""
   if jax.process_count() > 1:
     import orbax.checkpoint as ocp
-    ocp.multihost.sync_global_processes(name, timeout=timeout_s,
-                                        processes=set(range(jax.process_count())))
+    try:
+      ocp.multihost.sync_global_processes(name, timeout=timeout_s,
+                                          processes=set(range(jax.process_count())))
+    except Exception as e:  # pylint: disable=broad-except
+      raise TimeoutError(f"process {jax.process_index()}: not every process reached {name!r} "
+                         f"within {timeout_s} s ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]}); see the other "
+                         "processes' logs") from e
 
 
 def compile_in_lockstep(jitted, *args, name: str = "compiled"):
@@ -176,6 +282,7 @@ def draw(fn: Callable, params, num_examples: int, batch_size: int, mesh: Mesh,
   gather = jax.jit(lambda *a: a, out_shardings=replicated(mesh))
   pieces = []
   for start in range(0, num_examples, batch_size):
+    preemption.check("drawing examples")  # callers write only what returns: a safe point
     rows = np.minimum(np.arange(start, start + batch_size), num_examples - 1)
     inputs = [np.arange(start, start + batch_size, dtype=np.int32)]
     inputs += [np.asarray(column)[rows] for column in columns]
@@ -247,6 +354,7 @@ def map_local_rows(jitted: Callable, params, fetch: Callable[[np.ndarray], np.nd
   sharding = batch_sharding(mesh)
   filler = None
   for start in range(0, int(counts.max()), per_process):
+    preemption.check("computing outputs")  # callers write only what it yields: a safe point
     n = max(0, min(per_process, num_local - start))
     if n:
       rows = np.asarray(fetch(np.arange(start, start + n)))

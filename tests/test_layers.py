@@ -10,7 +10,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Lowest first; a module may import modules of its own layer or of layers below it.
 LAYERS = (
     ("dsno_jax", "dsno_jax.backend", "dsno_jax.storage", "dsno_jax.workdir", "dsno_jax.lock",
-     "dsno_jax.trees", "dsno_jax.parallel", "dsno_jax.pictures", "dsno_jax.weights"),  # shared
+     "dsno_jax.trees", "dsno_jax.parallel", "dsno_jax.preemption", "dsno_jax.pictures",
+     "dsno_jax.weights"),  # shared
     ("dsno_jax.diffusion", "dsno_jax.ode"),  # the maths
     ("dsno_jax.data",),
     ("dsno_jax.models",),

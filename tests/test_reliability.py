@@ -1,5 +1,6 @@
 """Faults and misuse: one run per workdir, only good checkpoints, resumes that keep their
-meaning, damaged files named and survived, meaningless input refused, bounded .pth reads."""
+meaning, damaged files named and survived (moved aside on process 0's verdict, never on a
+transient error), meaningless input refused, bounded .pth reads."""
 import errno
 import glob
 import json
@@ -231,6 +232,57 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_step_before_restored(
   assert f"moved it aside to {aside[0]}" in warnings[0]
   assert "Event loop is closed" not in caplog.text
   assert json.load(open(directory / "config.json"))["resumes"][-1]["step"] == 1
+
+
+def test_a_transient_read_error_leaves_the_checkpoint_in_place(tmp_path, two_checkpoints,
+                                                                monkeypatch):
+  shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+  reads = []
+
+  def unavailable(self, step, *args, **kwargs):
+    reads.append(step)
+    raise ValueError("UNAVAILABLE: HTTP response code: 503 with body: Service Unavailable")
+
+  monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "restore", unavailable)
+  with pytest.raises(RuntimeError, match=r"checkpoints/student/2 failed \(ValueError: "
+                                         r"UNAVAILABLE.*not the files; it is left as it is"):
+    restored_step(tmp_path)
+  assert reads == [2] * checkpoints._READ_ATTEMPTS  # tried again, then stopped
+  directory = tmp_path / "checkpoints" / "student"
+  assert sorted(os.listdir(directory)) == ["1", "2", "config.json"]  # nothing renamed
+  monkeypatch.undo()
+  assert restored_step(tmp_path) == 2
+
+
+def test_process_zeros_verdict_decides_the_move_aside(tmp_path, two_checkpoints, monkeypatch):
+  """As process 1 of 2: whether its own read succeeds or fails, process 0's verdict decides."""
+  directory = tmp_path / "checkpoints" / "student"
+  shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+  process_0 = []  # process 0's verdicts on the coming reads; then it reads every one
+
+  def all_processes(local):
+    return np.asarray([process_0.pop(0) if process_0 else checkpoints._READ, local])
+
+  monkeypatch.setattr(checkpoints.parallel, "all_processes", all_processes)
+  monkeypatch.setattr(checkpoints.parallel, "barrier", lambda name: None)
+  monkeypatch.setattr(checkpoints.jax, "process_index", lambda: 1)
+  process_0[:] = [checkpoints._DAMAGED]  # process 0 finds step 2 damaged, this one reads it
+  assert restored_step(tmp_path) == 1  # the step before it, on every process
+  assert sorted(os.listdir(directory)) == ["1", "2", "config.json"]  # process 0 renames
+  monkeypatch.setattr(checkpoints.jax, "process_index", lambda: 0)
+  process_0[:] = [checkpoints._DAMAGED]
+  assert restored_step(tmp_path) == 1
+  assert len(glob.glob(str(directory / "2.damaged-*"))) == 1
+
+  shutil.rmtree(tmp_path / "checkpoints")
+  shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+  monkeypatch.setattr(checkpoints.jax, "process_index", lambda: 1)
+  with open(directory / "2" / "default" / "_METADATA", "wb") as f:  # damaged for this one
+    f.write(b"garbage")
+  with pytest.raises(RuntimeError, match=r"checkpoints/student/2 failed on process 1 .*though "
+                                         r"process 0 read it; it is left as it is"):
+    restored_step(tmp_path)  # process 0 read it: this process's own failure is an error
+  assert sorted(os.listdir(directory)) == ["1", "2", "config.json"]
 
 
 def test_a_full_disk_fails_that_save_at_once_and_keeps_the_one_before(

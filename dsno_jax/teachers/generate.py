@@ -5,11 +5,10 @@ from typing import Dict, List, Tuple
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from dsno_jax import diffusion, ode, parallel
+from dsno_jax import diffusion, ode, parallel, preemption
 from dsno_jax.data import noise as noise_lib
 from dsno_jax.data import trajectories
 from dsno_jax.teachers import loading
@@ -154,7 +153,7 @@ def generate(config, workdir: str, *, devices=None) -> str:
   is_leader = jax.process_index() == 0
   if is_leader:
     complete = trajectories.prepare(directory, plan, write=True)
-  multihost_utils.sync_global_devices("trajectories: plan written")
+  parallel.barrier("dsno_jax:trajectories_plan_written")
   if not is_leader:
     complete = trajectories.prepare(directory, plan, write=False)
   if complete:
@@ -172,7 +171,7 @@ def generate(config, workdir: str, *, devices=None) -> str:
                     local_batch)
   chunks = _host_chunks(plan, trajectories.existing_shards(directory, plan), local_batch)
   # Every host must join every solve; hosts with fewer pieces pad with dummy batches.
-  num_rounds = int(np.max(multihost_utils.process_allgather(np.int32(len(chunks)))))
+  num_rounds = int(np.max(parallel.all_processes(np.int32(len(chunks)))))
   logging.info("trajectories: %d examples in %d shards to %s; this host: %d batches of %d, "
                "%d rounds", plan["num_examples"], trajectories.num_shards(
                    plan["num_examples"], plan["shard_size"]), directory, len(chunks),
@@ -213,7 +212,9 @@ def generate(config, workdir: str, *, devices=None) -> str:
   pending = None  # dispatch round r before fetching round r-1, so writing overlaps solving
   for r in range(num_rounds + 1):
     outputs = chunk = None
-    if r < num_rounds:
+    # a stop keeps every shard already finished; the one in progress is solved again on resume
+    stop = r < num_rounds and preemption.reached()
+    if r < num_rounds and not stop:
       chunk = chunks[r] if r < len(chunks) else None  # None: a dummy batch of padding
       local = np.zeros((local_batch,), np.int32)
       if chunk is not None:
@@ -228,10 +229,14 @@ def generate(config, workdir: str, *, devices=None) -> str:
         jax.block_until_ready(pending[1])
         progress.update(0)
     pending = (chunk, outputs)
+    if stop:
+      raise preemption.Preempted(
+          f"generation stopped on SIGTERM after round {r} of {num_rounds}; every shard written "
+          f"to {directory} is whole, and --mode=generate resumes with the others")
   progress.finish()
 
-  multihost_utils.sync_global_devices("trajectories: shards written")
+  parallel.barrier("dsno_jax:trajectories_shards_written")
   if is_leader:
     trajectories.finalize(directory, plan)
-  multihost_utils.sync_global_devices("trajectories: complete")
+  parallel.barrier("dsno_jax:trajectories_complete")
   return directory

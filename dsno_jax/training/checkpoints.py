@@ -9,6 +9,7 @@ import time
 from typing import Any, Dict, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -23,6 +24,7 @@ SETTINGS_SECTIONS = {"teacher": "teacher.train", "student": "train", "refine": "
 # trains, how the work is spread, where its inputs live. Every other field of the role's
 # sections gives the saved state its meaning and must match the checkpoints' config.json.
 RESUMABLE_FIELDS = ("profile", "distributed", "eval", "data.data_dir", "data.num_workers",
+                    "tensorboard_upload_every_s",
                     "refine.in_pipeline",
                     "trajectory.dir", "model.remat", "model.time_conv_impl") + tuple(
     f"{section}.{name}" for section in SETTINGS_SECTIONS.values()
@@ -216,17 +218,74 @@ def _step_path(manager: ocp.CheckpointManager, step: int) -> epath.Path:
   return epath.Path(manager.directory) / str(step)  # orbax's step names: the bare number
 
 
-def _move_aside(manager: ocp.CheckpointManager, step: int, error: Exception):
-  """Renames a step that fails to restore to `<step>.damaged-<time>` (kept, never deleted)."""
+_READ_ATTEMPTS = 3  # tries at a read that fails with a transient error
+# Failures that say nothing about the files: the network or the storage service (a 503, a
+# timeout); TensorStore names them by their status codes.
+_TRANSIENT = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED)\b|"
+                        r"(?i:\b(HTTP|status|code)\D{0,20}(408|429|5\d\d)\b|service unavailable|"
+                        r"too many requests|connection (reset|refused|aborted))")
+_READ, _DAMAGED, _TRANSIENT_FAILURE = 0, 1, 2  # the verdicts on one read of a step
+
+
+def is_transient(error: BaseException) -> bool:
+  """Whether a failed read may succeed when tried again, rather than the files being damaged."""
+  while error is not None:
+    if isinstance(error, (ConnectionError, TimeoutError)) or _TRANSIENT.search(str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _read(read):
+  """(read(), None), or (None, the error) once it fails for good (transient errors are retried)."""
+  for attempt in range(_READ_ATTEMPTS):
+    try:
+      return read(), None
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_transient(e) or attempt + 1 == _READ_ATTEMPTS:
+        return None, e
+      logging.warning("reading a checkpoint failed (%s); trying again", one_line(e))
+      time.sleep(2.0 ** attempt)
+
+
+def _agreed_verdict(manager: ocp.CheckpointManager, step: int, error) -> bool:
+  """Whether the step was read, on process 0's verdict for all: moved aside (False) when
+  process 0 found it damaged; an error when process 0's read failed transiently (never moved
+  aside) or this process's read failed alone."""
+  verdict = _READ if error is None else _TRANSIENT_FAILURE if is_transient(error) else _DAMAGED
+  verdict = int(parallel.all_processes(np.int32(verdict))[0])
+  path = _step_path(manager, step)
+  if error is not None and verdict != _DAMAGED:
+    _quiet_failure_fallout()
+    logging.info("reading %s failed:", path, exc_info=error)  # the full trace, for the log
+  what = f"({one_line(error)})" if error is not None else "on process 0"
+  if verdict == _READ and error is not None:
+    raise RuntimeError(f"reading the checkpoint {path} failed on process "
+                       f"{jax.process_index()} {what}, though process 0 read it; it is left as "
+                       "it is: run again to resume")
+  if verdict == _TRANSIENT_FAILURE:
+    raise RuntimeError(f"reading the checkpoint {path} failed {what}: the storage service or "
+                       "the network failed, not the files; it is left as it is: run again to "
+                       "resume")
+  if verdict == _DAMAGED:
+    _move_aside(manager, step, error)
+  return verdict == _READ
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int, error: Optional[Exception]):
+  """Renames a step that process 0 failed to restore to `<step>.damaged-<time>` (kept, never
+  deleted); the other processes wait for the rename."""
   _quiet_failure_fallout()
   path = _step_path(manager, step)
   aside = path.parent / f"{step}.damaged-{datetime.datetime.now():%Y%m%dT%H%M%S}"
-  logging.info("restoring %s failed:", path, exc_info=error)  # the full trace, for the log
+  if error is not None:
+    logging.info("restoring %s failed:", path, exc_info=error)  # the full trace, for the log
   if jax.process_index() == 0:
     path.rename(aside)
   parallel.barrier(f"dsno_jax:moved_aside_{step}")
   logging.warning("checkpoint %s cannot be restored (%s); moved it aside to %s and trying the "
-                  "step before it", path, one_line(error), aside)
+                  "step before it", path,
+                  one_line(error) if error is not None else "process 0 could not read it", aside)
   manager.reload()
 
 
@@ -235,8 +294,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, shardings, co
   """The newest state that restores, placed with `shardings`; None when nothing is saved.
 
   With `config` (and `role`): the checkpoints' config must mean the same (`check_meaning`),
-  and config.json records this start. A step that fails to read is moved aside and the step
-  before it tried; a config that builds other shapes is an error.
+  and config.json records this start. A step that process 0 fails to read is moved aside and
+  the step before it tried; a read that fails transiently (a 503) is an error that leaves it
+  in place; a config that builds other shapes is an error.
   """
   directory = str(manager.directory)
   steps = sorted(manager.all_steps(), reverse=True)
@@ -245,17 +305,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, shardings, co
   target = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
   for step in steps:
-    try:
-      stored = manager.item_metadata(step)
-    except Exception as e:  # pylint: disable=broad-except
-      _move_aside(manager, step, e)
+    stored, error = _read(lambda step=step: manager.item_metadata(step))
+    if not _agreed_verdict(manager, step, error):
       continue
     check_compatible(manager, step, abstract_state, config, stored=stored)
     logging.info("restoring %s/%d", directory, step)
-    try:
-      state = manager.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # pylint: disable=broad-except
-      _move_aside(manager, step, e)
+    state, error = _read(lambda step=step: manager.restore(
+        step, args=ocp.args.StandardRestore(target)))
+    if not _agreed_verdict(manager, step, error):
       continue
     if config is not None:
       record_start(directory, config, step)

@@ -1,7 +1,4 @@
 """The training loop: resume, steps, metrics and progress, sample grids, checkpoints, SIGTERM."""
-import contextlib
-import signal
-import threading
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import jax
@@ -9,7 +6,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from dsno_jax import parallel
+from dsno_jax import parallel, preemption
 from dsno_jax.training import checkpoints, reporting
 from dsno_jax.training import state as state_lib
 from dsno_jax.training.objectives import Objective
@@ -21,31 +18,6 @@ class RunResult(NamedTuple):
   state: state_lib.TrainState
   history: List[Dict[str, float]]  # the metrics written, each with its "step"
   preempted: bool
-
-
-
-@contextlib.contextmanager
-def _sigterm_flag():
-  """Yields a dict whose 'set' turns True on SIGTERM (single process, main thread only).
-
-  With several processes, orbax's reached_preemption (the coordination service) decides,
-  so every host saves at the same step.
-  """
-  flag = {"set": False}
-  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-    yield flag
-    return
-
-  def handler(signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and stopping")
-    flag["set"] = True
-
-  previous = signal.signal(signal.SIGTERM, handler)
-  try:
-    yield flag
-  finally:
-    signal.signal(signal.SIGTERM, previous)
 
 
 def _stop_profile(state) -> bool:
@@ -130,13 +102,16 @@ def train(config, workdir: str, objective: Objective,
   mesh = mesh or parallel.make_mesh()
   run = jit_run(config, objective, mesh)
   manager = checkpoints.make_manager(workdir, role, settings)
+  writer = reporting.make_writer(workdir, role, config.tensorboard_upload_every_s)
   try:
-    return _train(config, workdir, objective, make_batches, mesh, run, manager, section)
+    return _train(config, workdir, objective, make_batches, mesh, run, manager, section, writer)
   finally:
+    writer.close()  # a run that fails still uploads its curves
     checkpoints.close(manager)
 
 
-def _train(config, workdir, objective, make_batches, mesh, run, manager, section) -> RunResult:
+def _train(config, workdir, objective, make_batches, mesh, run, manager, section,
+           writer) -> RunResult:
   settings, role = objective.settings, objective.role
   state = checkpoints.restore_latest(manager, run.abstract_state, run.state_shardings, config,
                                      role)
@@ -146,7 +121,6 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
   start = int(jax.device_get(state.step))
   # read on every start, a resume too: frozen parameters are not in the checkpoints
   frozen = None if objective.frozen_params is None else run.place_frozen(objective.frozen_params())
-  writer = reporting.make_writer(workdir, role)
   runtime = parallel.describe_runtime(mesh, settings.batch_size // mesh.devices.size)
   logging.info("%s: %s", role, runtime)
   writer.write_texts(start, {"runtime": runtime})
@@ -163,7 +137,7 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
     return parallel.global_batch({k: local[k] for k in objective.batch_keys}, mesh)
 
   train_step, next_step_check, upcoming, profiling = None, None, None, False
-  with _sigterm_flag() as sigterm:
+  with preemption.listening():
     for step in range(start, settings.num_steps):
       batch, upcoming = next_batch() if upcoming is None else upcoming, None
       if train_step is None:  # the check too, so a save on SIGTERM never waits for a compile
@@ -180,7 +154,7 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
       done = step + 1
       pending.append((done, metrics))
       report(done)
-      preempted = sigterm["set"] or (jax.process_count() > 1 and manager.reached_preemption(done))
+      preempted = preemption.reached(done)  # every process alike, after every step
       save_now = done % settings.checkpoint_every == 0 or done == settings.num_steps or preempted
       if save_now or done % settings.log_every == 0:
         fetched = _check_finite(pending, manager, section)
