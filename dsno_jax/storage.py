@@ -289,10 +289,10 @@ class Prefetcher:
     self.directory = os.path.abspath(directory)
     with Prefetcher._active_lock:
       stale = Prefetcher._active.get(self.directory)
-      if stale is not None:  # an iterator of this process that was dropped without closing
-        logging.warning("storage: a new reader of %s replaces one left open", self.directory)
-        stale.close()
       Prefetcher._active[self.directory] = self
+    if stale is not None:  # an iterator of this process that was dropped without closing
+      logging.warning("storage: a new reader of %s replaces one left open", self.directory)
+      stale.close()
     shutil.rmtree(self.directory, ignore_errors=True)
     os.makedirs(self.directory)
     self._wanted: List[str] = []
