@@ -9,6 +9,7 @@ no seed reproduces, store it ("noise": "stored").
 Each process reads only its own shards (s % process_count == process); a data set in a bucket
 is read from copies of the shards its coming batches need, at most `data.cache_gb` of them.
 """
+import contextlib
 import json
 import os
 import sys
@@ -312,7 +313,8 @@ def _open_shard(directory: str, metadata: Dict, shard: int, local: str):
   except Exception as e:  # array_record raises several types for missing or broken files
     raise _damaged(directory, path, e) from None
   if count != want:
-    reader.close()
+    with contextlib.suppress(Exception):  # closing a broken file raises too
+      reader.close()
     raise _damaged(directory, path, ValueError(f"{count} records, expected {want}"))
   return reader
 
