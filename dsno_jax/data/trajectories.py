@@ -460,7 +460,8 @@ class _HostReading:
     logging.info("trajectories: process %d of %d reads %d of %d shards (%.3g GB) in groups of "
                  "%d shards%s", process_index, process_count, len(ranges), total,
                  sum(shard_bytes) / 1e9, group_size,
-                 f", copied to {self.copies} (at most {cache_gb:g} GB)" if remote else "")
+                 "" if not remote else f", copied to {self.copies}" + (
+                     "" if cache_gb is None else f" (at most {cache_gb:g} GB)"))
 
   def dataset(self) -> grain.MapDataset:
     decode = decoder(self.directory, self.metadata)
