@@ -166,7 +166,14 @@ def test_each_process_reads_its_own_shards_each_example_once_per_epoch(many_shar
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(MANY))
 
 
-def test_too_few_shards_or_too_small_a_cache_are_refused(dataset, many_shards):
+def test_too_few_shards_or_too_small_a_cache_are_refused(dataset, many_shards, caplog):
+  # what generation checks before any work, for the processes that will read the shards
+  with pytest.raises(ValueError, match="3 shards for 4 processes"):
+    trajectories.check_shards_per_host(NUM_EXAMPLES, SHARD_SIZE, 4)
+  trajectories.check_shards_per_host(NUM_EXAMPLES, SHARD_SIZE, 3)
+  assert "read up to" not in caplog.text
+  trajectories.check_shards_per_host(NUM_EXAMPLES, SHARD_SIZE, 2)  # 2 shards and 1
+  assert "3 shards over 2 processes" in caplog.text and "read up to 100% more" in caplog.text
   with pytest.raises(ValueError, match="3 shards for 4 processes.*at least one shard per "
                                        "process.*trajectory.shard_size"):
     next(trajectories.batch_iterator(dataset, global_batch_size=8, seed=0, process_index=0,
