@@ -17,6 +17,9 @@ def get_config():
   data.train_split = "train"
   data.eval_split = "test"
   data.num_workers = 0  # input worker processes per host (0: threads in the training process)
+  # GB (1e9 bytes) of local disk per process for copies of trajectory shards read from a bucket
+  # (a local data set is read in place); the shards a process reads at once fit in half of it
+  data.cache_gb = 20.0
 
   # --- diffusion maths: the cosine log-SNR schedule (dsno_jax/diffusion.py) ----
   config.diffusion = diffusion = ml_collections.ConfigDict()

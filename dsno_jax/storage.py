@@ -3,12 +3,19 @@
 Local paths keep their POSIX meaning (atomic writes by rename); on Cloud Storage an object
 appears whole when its upload completes, so a write needs no temporary name. Libraries that
 cannot open `gs://` (ArrayRecord, TensorBoard's writer against an emulator) write a local file
-that `upload` copies up, and read a local copy made by `local_copy`, kept under `cache_dir()`.
+that `upload` copies up, and read a local copy made by `local_copy`, kept under `cache_dir()`;
+data sets larger than a disk are read through a `Prefetcher`, which holds only the files asked for.
 """
+import contextlib
 import os
+import posixpath
 import shutil
+import threading
+import time
 import uuid
-from typing import List, Union
+from typing import Dict, Iterator, List, Sequence, Union
+
+from absl import logging
 
 import fsspec
 from etils import epath
@@ -94,6 +101,16 @@ def listdir(p: PathLike) -> List[str]:
   if not isdir(p):
     raise FileNotFoundError(f"no directory {p}")
   return sorted(c.name for c in path(p).iterdir())
+
+
+def file_sizes(p: PathLike) -> Dict[str, int]:
+  """{name: bytes} of the files directly in a directory, in one listing (local or remote)."""
+  if not is_remote(p):
+    with os.scandir(resolve(p)) as entries:
+      return {e.name: e.stat().st_size for e in entries if e.is_file()}
+  fs, name = fsspec.core.url_to_fs(resolve(p))
+  return {posixpath.basename(e["name"].rstrip("/")): int(e["size"])
+          for e in fs.ls(name, detail=True) if e["type"] == "file"}
 
 
 def read_bytes(p: PathLike) -> bytes:
@@ -218,3 +235,122 @@ def local_copy(p: PathLike) -> str:
     remote = f"{scheme}://{found}"
     _fetch_file(remote, cache_path(remote))
   return local
+
+
+@contextlib.contextmanager
+def temporary_copy(p: PathLike) -> Iterator[str]:
+  """A local path holding the file `p` for the duration: `p` itself when local, else a fresh
+  copy under `cache_dir()` that is deleted afterwards."""
+  p = resolve(p)
+  if not is_remote(p):
+    yield p
+    return
+  local = f"{cache_path(p)}.{uuid.uuid4().hex[:8]}.copy"
+  try:
+    _fetch_file(p, local)
+    yield local
+  finally:
+    if os.path.exists(local):
+      os.remove(local)
+
+
+FAILED_SUFFIX = ".failed"  # next to a copy that could not be made: the error, for its readers
+
+
+def wait_for_copy(local: str, remote: str, poll_s: float = 0.01) -> str:
+  """`local` once a Prefetcher (in this or another process) has copied `remote` there.
+
+  OSError with the fetch's error when it failed; no time limit, since a copy wanted ahead of
+  time may only be fetched once the reader before it moves on.
+  """
+  while not os.path.exists(local):
+    failed = local + FAILED_SUFFIX
+    if os.path.exists(failed):
+      with open(failed) as f:
+        raise OSError(f"copying {remote} to {local} failed: {f.read()}")
+    time.sleep(poll_s)
+  return local
+
+
+class Prefetcher:
+  """Local copies of remote files in `directory`, fetched in a background thread in the order
+  of the last `want`, and deleted as soon as a `want` leaves them out.
+
+  The directory holds at most the files of the last `want` (and, while it finishes, one
+  download that a later `want` dropped), so the caller bounds its size by what it asks for.
+  The directory belongs to this object: what a killed process left there is deleted. Readers,
+  in any process, wait for a copy with `wait_for_copy(prefetcher.local(remote), remote)`.
+  """
+
+  _active: Dict[str, "Prefetcher"] = {}  # one per directory in a process
+  _active_lock = threading.Lock()
+
+  def __init__(self, directory: str):
+    self.directory = os.path.abspath(directory)
+    with Prefetcher._active_lock:
+      stale = Prefetcher._active.get(self.directory)
+      Prefetcher._active[self.directory] = self
+    if stale is not None:  # an iterator of this process that was dropped without closing
+      logging.warning("storage: a new reader of %s replaces one left open", self.directory)
+      stale.close()
+    shutil.rmtree(self.directory, ignore_errors=True)
+    os.makedirs(self.directory)
+    self._wanted: List[str] = []
+    self._fetched = set()  # remote paths whose copy is complete
+    self._closed = False
+    self._changed = threading.Condition()
+    self._thread = threading.Thread(target=self._fetch_wanted, name="prefetcher", daemon=True)
+    self._thread.start()
+
+  def local(self, remote: str) -> str:
+    return os.path.join(self.directory, posixpath.basename(remote))
+
+  def want(self, remotes: Sequence[str]) -> None:
+    """Keeps exactly these files: deletes the other copies now, fetches the missing in order."""
+    remotes = [resolve(r) for r in remotes]
+    keep = {os.path.basename(self.local(r)) for r in remotes}
+    with self._changed:
+      self._wanted = remotes
+      self._fetched &= set(remotes)
+      for name in os.listdir(self.directory):
+        stem = name[:-len(FAILED_SUFFIX)] if name.endswith(FAILED_SUFFIX) else name
+        if stem not in keep and not name.endswith(".tmp"):  # .tmp: the download under way
+          os.remove(os.path.join(self.directory, name))
+      self._changed.notify()
+
+  def _fetch_wanted(self):
+    while True:
+      with self._changed:
+        while not self._closed and not self._next():
+          self._changed.wait()
+        if self._closed:
+          return
+        remote = self._next()
+      local = self.local(remote)
+      try:
+        _fetch_file(remote, local)
+      except Exception as e:  # every reader of it should see why, not wait forever
+        with open(local + FAILED_SUFFIX, "w") as f:
+          f.write(f"{type(e).__name__}: {e}")
+      with self._changed:
+        if remote in self._wanted:
+          self._fetched.add(remote)
+        else:  # dropped while it was fetched
+          for name in (local, local + FAILED_SUFFIX):
+            if os.path.exists(name):
+              os.remove(name)
+
+  def _next(self):
+    for remote in self._wanted:
+      if remote not in self._fetched:
+        return remote
+    return None
+
+  def close(self) -> None:
+    """Stops fetching (a download under way finishes in the background); copies stay."""
+    with self._changed:
+      self._closed = True
+      self._changed.notify()
+    with Prefetcher._active_lock:
+      if Prefetcher._active.get(self.directory) is self:
+        del Prefetcher._active[self.directory]

@@ -109,31 +109,87 @@ def test_batches_are_a_function_of_seed_and_step(dataset):
   assert sorted(stream[NUM_EXAMPLES:2 * NUM_EXAMPLES]) == list(range(NUM_EXAMPLES))
 
 
-def test_resume_from_start_step_equals_continuing(dataset):
+# Many small shards, and a cache bound of 5 shards' bytes: groups of 2 shards, read one after
+# the other with the next one fetched (the order is the same for local and remote data).
+MANY, MANY_SHARD = 48, 4
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("many") / "data")
+  plan = _plan(num_examples=MANY, shard_size=MANY_SHARD)
+  _write(directory, plan)
+  trajectories.finalize(directory, plan)
+  largest = max(os.path.getsize(trajectories.shard_path(directory, s, MANY // MANY_SHARD))
+                for s in range(MANY // MANY_SHARD))
+  return directory, 5 * largest / 1e9
+
+
+def test_resume_from_start_step_equals_continuing(dataset, many_shards):
   kw = dict(global_batch_size=6, seed=1, process_index=0, process_count=1)
   straight = _take(trajectories.batch_iterator(dataset, **kw), 7)
   resumed = _take(trajectories.batch_iterator(dataset, start_step=4, **kw), 3)
   for x, y in zip(straight[4:], resumed):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
+  # with groups, on the second of two processes, across group and epoch boundaries
+  directory, cache_gb = many_shards
+  kw = dict(global_batch_size=6, seed=1, process_index=1, process_count=2, cache_gb=cache_gb)
+  straight = _take(trajectories.batch_iterator(directory, **kw), 19)  # 24 examples an epoch
+  resumed = _take(trajectories.batch_iterator(directory, start_step=11, **kw), 8)
+  for x, y in zip(straight[11:], resumed):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
 
 
-def test_host_slices_partition_the_global_batch(dataset):
-  whole = _take(trajectories.batch_iterator(dataset, global_batch_size=8, seed=2,
-                                            process_index=0, process_count=1), 4)
-  parts = [_take(trajectories.batch_iterator(dataset, global_batch_size=8, seed=2,
-                                             process_index=p, process_count=4), 4)
-           for p in range(4)]
-  for step in range(4):  # the hosts' rows of a step are disjoint and together the global batch
-    joined = np.concatenate([parts[p][step]["index"] for p in range(4)])
-    assert len(set(joined.tolist())) == 8
-    np.testing.assert_array_equal(np.sort(joined), np.sort(whole[step]["index"]))
-    for p in range(4):
-      want = _examples(range(NUM_EXAMPLES))["targets"][parts[p][step]["index"]]
-      np.testing.assert_array_equal(parts[p][step]["targets"], want)
+def test_each_process_reads_its_own_shards_each_example_once_per_epoch(many_shards):
+  directory, cache_gb = many_shards
+  epoch = MANY // 2  # examples a process owns: 6 shards of 4
+  want = _examples(range(MANY))
+  seen = []
+  for p in range(2):
+    batches = _take(trajectories.batch_iterator(directory, global_batch_size=8, seed=5,
+                                                process_index=p, process_count=2,
+                                                cache_gb=cache_gb), 2 * epoch // 4)
+    stream = np.concatenate([b["index"] for b in batches])
+    own = [i for i in range(MANY) if (i // MANY_SHARD) % 2 == p]  # shards s % 2 == p
+    for e in range(2):
+      assert sorted(stream[e * epoch:(e + 1) * epoch]) == own
+      # a group of 2 shards is read whole before the next: its 8 examples, from 2 shards
+      for g in range(3):
+        group = stream[e * epoch + 8 * g:e * epoch + 8 * (g + 1)]
+        assert len(set((group // MANY_SHARD).tolist())) == 2, group
+    assert not np.array_equal(stream[:epoch], stream[epoch:])  # another order every epoch
+    for b in batches:
+      np.testing.assert_array_equal(b["targets"], want["targets"][b["index"]])
+    seen.append(set(stream.tolist()))
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(MANY))
+
+
+def test_too_few_shards_or_too_small_a_cache_are_refused(dataset, many_shards, caplog):
+  # what generation checks before any work, for the processes that will read the shards
+  with pytest.raises(ValueError, match="3 shards for 4 processes"):
+    trajectories.check_shards_per_host(NUM_EXAMPLES, SHARD_SIZE, 4)
+  trajectories.check_shards_per_host(NUM_EXAMPLES, SHARD_SIZE, 3)
+  assert "read up to" not in caplog.text
+  trajectories.check_shards_per_host(NUM_EXAMPLES, SHARD_SIZE, 2)  # 2 shards and 1
+  assert "3 shards over 2 processes" in caplog.text and "read up to 100% more" in caplog.text
+  with pytest.raises(ValueError, match="3 shards for 4 processes.*at least one shard per "
+                                       "process.*trajectory.shard_size"):
+    next(trajectories.batch_iterator(dataset, global_batch_size=8, seed=0, process_index=0,
+                                     process_count=4))
   with pytest.raises(ValueError, match="not divisible"):
     next(trajectories.batch_iterator(dataset, global_batch_size=6, seed=0, process_index=0,
                                      process_count=4))
+  directory, cache_gb = many_shards
+  with pytest.raises(ValueError, match=r"config.data.cache_gb=.* holds fewer than two of this "
+                                       r"host's trajectory shards"):
+    next(trajectories.batch_iterator(directory, global_batch_size=4, seed=0, process_index=0,
+                                     process_count=1, cache_gb=cache_gb / 4))
+  with pytest.raises(ValueError, match=r"groups of 2 shards that may hold only 8 examples, "
+                                       r"fewer than this host's batch of 12"):
+    next(trajectories.batch_iterator(directory, global_batch_size=12, seed=0, process_index=0,
+                                     process_count=1, cache_gb=cache_gb))
 
 
 def test_missing_and_incomplete_datasets_are_clear_errors(tmp_path):

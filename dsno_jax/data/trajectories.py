@@ -5,11 +5,19 @@ the error of the teacher trajectories they record), and the noise of a generated
 not stored: it is regenerated from (seed, index) (`data.noise.example_inputs`), with four of
 its values stored per example so that a mismatch is an error. Imported datasets, whose noise
 no seed reproduces, store it ("noise": "stored").
+
+Each process reads only its own shards (s % process_count == process); a data set in a bucket
+is read from copies of the shards its coming batches need, at most `data.cache_gb` of them.
 """
+import contextlib
 import json
 import os
-from typing import Dict, Iterator, Optional, Set
+import sys
+import threading
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
+from absl import logging
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
@@ -247,14 +255,28 @@ def read_metadata(directory: str) -> Dict:
   return metadata
 
 
-def check_noise(directory: str, metadata: Dict, num_checks: int = 8) -> None:
-  """ValueError unless the noise regenerated for a few examples matches their stored check."""
+def check_noise(directory: str, metadata: Dict, num_checks: int = 8, *,
+                process_index: Optional[int] = None,
+                process_count: Optional[int] = None) -> None:
+  """ValueError unless the noise regenerated for a few examples matches their stored check.
+
+  The examples come from one shard this process reads anyway (a remote one is copied for the
+  check and deleted).
+  """
   if metadata["noise"] != "seeded":
     return
   from dsno_jax.data import noise as noise_lib  # jax computation, only when checking
-  source = _open_source(directory)
-  indices = np.unique(np.linspace(0, len(source) - 1, num_checks).astype(np.int64))
-  stored = np.stack([e["noise_check"] for e in source.__getitems__(indices.tolist())])
+  from tensorflow.core.example import example_pb2
+  process_index, _ = loader.process_of(process_index, process_count)
+  total = num_shards(metadata["num_examples"], metadata["shard_size"])
+  shard = process_index % total
+  rows = shard_range(shard, metadata["num_examples"], metadata["shard_size"])
+  indices = np.unique(np.linspace(rows.start, rows.stop - 1, num_checks).astype(np.int64))
+  with storage.temporary_copy(shard_path(directory, shard, total)) as local:
+    records = _open_shard(directory, metadata, shard, local).read(
+        (indices - rows.start).tolist())
+  stored = np.asarray([example_pb2.Example.FromString(r).features.feature["noise_check"]
+                       .float_list.value for r in records], np.float32)
   noise, _ = noise_lib.example_inputs(indices, seed=int(metadata["seed"]),
                                       image_shape=tuple(metadata["image_shape"]),
                                       num_classes=int(metadata["num_classes"]))
@@ -265,12 +287,6 @@ def check_noise(directory: str, metadata: Dict, num_checks: int = 8) -> None:
         f"regenerates (examples {indices.tolist()}: stored {stored[:2].tolist()}..., now "
         f"{regenerated[:2].tolist()}...); it was written by another version of the noise: "
         + REGENERATE.format(directory=directory))
-
-
-def _open_source(directory: str):
-  _require_complete(directory)
-  # ArrayRecord reads only local files: a remote dataset is read from its cached copy
-  return tfds.builder_from_directory(storage.local_copy(directory)).as_data_source(split=SPLIT)
 
 
 def _shard_of(directory: str, metadata: Dict, index: int) -> str:
@@ -285,24 +301,85 @@ def _damaged(directory: str, path: str, error: Exception) -> ValueError:
       "same config: it rewrites only the missing shard")
 
 
-def record_source(directory: str, metadata: Dict):
-  """Random access to the serialized records, example i at position i; every shard checked."""
-  import grain.python as grain_python
+def _open_shard(directory: str, metadata: Dict, shard: int, local: str):
+  """An ArrayRecordReader of shard `shard` (its file, or a copy, at `local`), checked whole."""
   total = num_shards(metadata["num_examples"], metadata["shard_size"])
-  paths = [shard_path(directory, s, total) for s in range(total)]
-  copy = storage.local_copy(directory)  # ArrayRecord reads only local files
-  local = [shard_path(copy, s, total) for s in range(total)]
-  for shard, path in enumerate(paths):
-    want = len(shard_range(shard, metadata["num_examples"], metadata["shard_size"]))
-    try:
-      reader = array_record_module.ArrayRecordReader(local[shard])
-      count = reader.num_records()
+  path = shard_path(directory, shard, total)
+  want = len(shard_range(shard, metadata["num_examples"], metadata["shard_size"]))
+  try:
+    reader = array_record_module.ArrayRecordReader(local, "readahead_buffer_size:0",
+                                                   file_reader_buffer_size=32768)
+    count = reader.num_records()
+  except Exception as e:  # array_record raises several types for missing or broken files
+    raise _damaged(directory, path, e) from None
+  if count != want:
+    with contextlib.suppress(Exception):  # closing a broken file raises too
       reader.close()
-    except Exception as e:  # array_record raises several types for missing or broken files
-      raise _damaged(directory, path, e) from None
-    if count != want:
-      raise _damaged(directory, path, ValueError(f"{count} records, expected {want}"))
-  return grain_python.ArrayRecordDataSource(local)
+    raise _damaged(directory, path, ValueError(f"{count} records, expected {want}"))
+  return reader
+
+
+class _Records:
+  """The serialized records of a host's batches, read shard by shard from the files: in place
+  when the data set is local, else from this process's copies (waiting for them to arrive).
+
+  Open readers are kept (keep_open) unless copies may be deleted under a worker process that
+  holds them; the process that deletes copies closes their readers first (`close_others`).
+  """
+
+  def __init__(self, directory: str, metadata: Dict, copies: Optional[str], keep_open: bool):
+    self.directory, self.metadata = directory, metadata
+    self.copies, self.keep_open = copies, keep_open
+    self.shard_size = metadata["shard_size"]
+    self.total = num_shards(metadata["num_examples"], self.shard_size)
+    self._readers, self._lock = {}, threading.Lock()
+
+  def __getstate__(self):  # readers and locks stay in their process
+    return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _readers={}, _lock=threading.Lock())
+
+  def _reader(self, shard: int):
+    with self._lock:
+      if shard in self._readers:
+        return self._readers[shard]
+    path = shard_path(self.directory, shard, self.total)
+    local = path if self.copies is None else storage.wait_for_copy(
+        os.path.join(self.copies, os.path.basename(path)), path)
+    reader = _open_shard(self.directory, self.metadata, shard, local)
+    if not self.keep_open:
+      return reader
+    with self._lock:
+      kept = self._readers.setdefault(shard, reader)
+    if kept is not reader:  # another thread opened it meanwhile
+      reader.close()
+    return kept
+
+  def read(self, indices: np.ndarray) -> List[Tuple[int, bytes]]:
+    """[(index, record)] of the examples `indices`, in that order."""
+    shards = indices // self.shard_size
+    records: List = [None] * len(indices)
+    for shard in np.unique(shards):
+      rows = np.flatnonzero(shards == shard)
+      reader = self._reader(int(shard))
+      try:
+        found = reader.read((indices[rows] - shard * self.shard_size).tolist())
+      except Exception as e:  # an unreadable record: name its shard
+        raise _damaged(self.directory, shard_path(self.directory, int(shard), self.total),
+                       e) from None
+      finally:
+        if not self.keep_open:
+          reader.close()
+      for row, record in zip(rows, found):
+        records[row] = (int(indices[row]), record)
+    return records
+
+  def close_others(self, keep) -> None:
+    """Closes the readers of the shards not in `keep` (their copies are about to go)."""
+    with self._lock:
+      for shard in [s for s in self._readers if s not in keep]:
+        self._readers.pop(shard).close()
 
 
 def decoder(directory: str, metadata: Dict):
@@ -339,26 +416,94 @@ def decoder(directory: str, metadata: Dict):
   return decode
 
 
-def batches(directory: str, *, global_batch_size: int, seed: int,
-            process_index: Optional[int] = None, process_count: Optional[int] = None):
-  """This host's indexable batches (a Grain MapDataset; element s is step s's batch)."""
-  metadata = read_metadata(directory)
-  process_index, process_count = loader.process_of(process_index, process_count)
-  return loader.batches(record_source(directory, metadata), decoder(directory, metadata),
-                        global_batch_size=global_batch_size, seed=seed,
-                        process_index=process_index, process_count=process_count)
+def check_shards_per_host(num_examples: int, shard_size: int, process_count: int) -> None:
+  """ValueError when there are fewer shards than processes (each reads shards of its own);
+  a warning when the processes' shares differ, so that some examples are read more often."""
+  total = num_shards(num_examples, shard_size)
+  loader.host_shards(total, 0, process_count)
+  if total % process_count:
+    logging.warning(
+        "trajectories: %d shards over %d processes: some hold one shard more, so the examples "
+        "of the others are read up to %.0f%% more often; a shard count that is a multiple of "
+        "the process count (config.trajectory.shard_size) avoids it", total, process_count,
+        100 / (total // process_count))
+
+
+class _HostReading:
+  """One process's batches of a trajectory data set, and the copies of its shards they need."""
+
+  def __init__(self, directory: str, *, global_batch_size: int, seed: int, process_index: int,
+               process_count: int, cache_gb: Optional[float], keep_open: bool):
+    self.metadata = metadata = read_metadata(directory)
+    self.directory = directory
+    self.local_batch = loader.local_batch_size(global_batch_size, process_count)
+    check_shards_per_host(metadata["num_examples"], metadata["shard_size"], process_count)
+    total = num_shards(metadata["num_examples"], metadata["shard_size"])
+    shards = loader.host_shards(total, process_index, process_count)
+    ranges = {int(s): shard_range(int(s), metadata["num_examples"], metadata["shard_size"])
+              for s in shards}
+    sizes = storage.file_sizes(directory)
+    self.paths = {s: shard_path(directory, s, total) for s in ranges}
+    shard_bytes = [sizes.get(os.path.basename(self.paths[s]), 0) for s in ranges]
+    group_size = loader.shards_per_group(
+        shard_bytes, [len(r) for r in ranges.values()],
+        budget_bytes=None if cache_gb is None else float(cache_gb) * 1e9,
+        local_batch=self.local_batch)
+    self.order = loader.HostShardOrder(ranges, group_size, seed=seed,
+                                       process_index=process_index)
+    remote = storage.is_remote(directory)
+    # one directory per process: processes of one machine never delete each other's copies
+    self.copies = (os.path.join(storage.cache_path(directory), f"host-{process_index}")
+                   if remote else None)
+    self.records = _Records(directory, metadata, self.copies, keep_open or not remote)
+    self._prefetcher, self._resident = None, None
+    logging.info("trajectories: process %d of %d reads %d of %d shards (%.3g GB) in groups of "
+                 "%d shards%s", process_index, process_count, len(ranges), total,
+                 sum(shard_bytes) / 1e9, group_size,
+                 "" if not remote else f", copied to {self.copies}" + (
+                     "" if cache_gb is None else f" (at most {cache_gb:g} GB)"))
+
+  def dataset(self) -> grain.MapDataset:
+    decode = decoder(self.directory, self.metadata)
+    order, records, b = self.order, self.records, self.local_batch
+    return grain.MapDataset.range(sys.maxsize).map(
+        lambda step: decode(records.read(order.examples(step * b, (step + 1) * b))))
+
+  def before_step(self, step: int) -> None:
+    """Holds copies of exactly the shards that step's batch and the next group need."""
+    if self.copies is None:
+      return
+    resident = self.order.resident(step * self.local_batch, (step + 1) * self.local_batch)
+    if resident == self._resident:
+      return
+    if self._prefetcher is None:
+      self._prefetcher = storage.Prefetcher(self.copies)
+    self.records.close_others(set(resident))
+    self._prefetcher.want([self.paths[s] for s in resident])
+    self._resident = resident
+
+  def close(self) -> None:
+    if self._prefetcher is not None:
+      self._prefetcher.close()
 
 
 def batch_iterator(directory: str, *, global_batch_size: int, seed: int, start_step: int = 0,
                    process_index: Optional[int] = None, process_count: Optional[int] = None,
-                   num_workers: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+                   num_workers: int = 0,
+                   cache_gb: Optional[float] = None) -> Iterator[Dict[str, np.ndarray]]:
   """Endless per-host batches {targets (b,K,H,W,C) float32, label, index, [noise (b,H,W,C)]}.
 
-  b = global_batch_size / process_count; batch s depends only on (seed, s) (data/loader.py).
+  b = global_batch_size / process_count. Each process reads only its own shards
+  (data/loader.py's HostShardOrder), so batch s depends on (seed, s) and the process count.
+  A remote data set is read from copies of the shards that the coming batches need, at most
+  cache_gb GB (1e9 bytes) of them on this process's disk (None: all of its shards).
   """
-  return loader.iterate(batches(directory, global_batch_size=global_batch_size, seed=seed,
-                                process_index=process_index, process_count=process_count),
-                        start_step, num_workers=num_workers)
+  process_index, process_count = loader.process_of(process_index, process_count)
+  reading = _HostReading(directory, global_batch_size=global_batch_size, seed=seed,
+                         process_index=process_index, process_count=process_count,
+                         cache_gb=cache_gb, keep_open=num_workers == 0)
+  return loader.iterate(reading.dataset(), start_step, num_workers=num_workers,
+                        before_step=reading.before_step, on_exit=reading.close)
 
 
 def check_logsnrs(config, directory: str) -> np.ndarray:

@@ -146,6 +146,9 @@ def generate(config, workdir: str, *, devices=None) -> str:
   directory = Workdir(workdir).trajectories(config)
   settings = config.trajectory
   check_settings(settings)
+  # the student's run on these processes reads shards of its own on each: refused before any work
+  trajectories.check_shards_per_host(settings.num_examples, settings.shard_size,
+                                     jax.process_count())
   denoise, identity = loading.load_teacher(config, workdir)
   plan = plan_from_config(config, identity)
   # The others read the plan only once process 0 has written it: before, they could find the

@@ -323,7 +323,8 @@ def refine_student(config, workdir: str, mesh=None) -> RunResult:
   def make_batches(start_step):
     rows = trajectories.batch_iterator(directory, global_batch_size=config.refine.batch_size,
                                        seed=config.seed, start_step=start_step,
-                                       num_workers=config.data.num_workers)
+                                       num_workers=config.data.num_workers,
+                                       cache_gb=config.data.cache_gb)
     if source is not None:
       rows = with_real_images(rows, images_lib.batch_iterator(
           source, global_batch_size=config.refine.batch_size, seed=config.seed,

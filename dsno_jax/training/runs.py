@@ -49,6 +49,7 @@ def train_student(config, workdir: str) -> RunResult:
   def make_batches(start_step):
     return trajectories.batch_iterator(directory, global_batch_size=objective.settings.batch_size,
                                        seed=config.seed, start_step=start_step,
-                                       num_workers=config.data.num_workers)
+                                       num_workers=config.data.num_workers,
+                                       cache_gb=config.data.cache_gb)
 
   return train(config, workdir, objective, make_batches)
