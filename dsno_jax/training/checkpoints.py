@@ -23,7 +23,7 @@ SETTINGS_SECTIONS = {"teacher": "teacher.train", "student": "train", "refine": "
 # trains, how the work is spread, where its inputs live. Every other field of the role's
 # sections gives the saved state its meaning and must match the checkpoints' config.json.
 RESUMABLE_FIELDS = ("profile", "distributed", "eval", "data.data_dir", "data.num_workers",
-                    "refine.in_pipeline",
+                    "refine.in_pipeline", "teacher.train_from_scratch",
                     "trajectory.dir", "model.remat", "model.time_conv_impl") + tuple(
     f"{section}.{name}" for section in SETTINGS_SECTIONS.values()
     for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
