@@ -4,17 +4,12 @@ Every config field is in configs/base.py, with its unit; override any of them on
 line, e.g. --config.train.batch_size=64. --verbosity=1 shows the libraries' INFO lines and the
 traceback of an error that is otherwise reported as its message alone.
 """
-import os
 import sys
 
-# TensorFlow's C++ start-up INFO lines say nothing about the run; read when TensorFlow loads.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-# importing dsno_jax adds the XLA:CPU flag (dsno_jax/backend.py)
-from dsno_jax import console, errors, lock, modes  # noqa: E402
+from dsno_jax import console, errors, lock, modes  # importing dsno_jax adds the XLA:CPU flag
 
 
 def _summary(function) -> str:

@@ -318,8 +318,10 @@ def restore_ema_params(workdir: str, role: str, abstract_params, config=None, me
   if not storage.isdir(directory):
     raise FileNotFoundError(f"no {role} checkpoints at {directory}; train first "
                             f"(--mode={'train' if role == 'student' else 'train_teacher'})")
+  # the settings read_only implies, which orbax would otherwise change with a warning each
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler(),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=options)
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint; train first")
