@@ -109,8 +109,10 @@ WRITES: Dict[str, List[Check]] = {"train_teacher": [_teacher, _teacher_rows],
 
 
 def _trains_published_teacher(config, workdir) -> Optional[str]:
-  """A config whose teacher is a published one trains it only when asked to."""
-  if config.teacher.train_from_scratch or not _pipeline_trains_teacher(config, workdir):
+  """A config whose teacher is a published one trains it only when asked to (a teacher training
+  begun in this workdir was asked for)."""
+  if (config.teacher.train_from_scratch or not _pipeline_trains_teacher(config, workdir)
+      or storage.isdir(Workdir(workdir).checkpoints("teacher"))):
     return None
   return ("this config distils a published teacher, and config.teacher.checkpoint is not set: "
           "--mode=pipeline would first train one from scratch "

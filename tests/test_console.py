@@ -130,6 +130,9 @@ def test_a_published_teacher_is_trained_only_when_asked(tmp_path):
   config.teacher.train_from_scratch = True
   assert preflight.missing(config, workdir, "pipeline") == problems[1:]
   config.teacher.train_from_scratch = False
+  os.makedirs(Workdir(workdir).checkpoints("teacher"))  # a teacher training asked for earlier
+  assert preflight.missing(config, workdir, "pipeline") == problems[1:]
+  os.rmdir(Workdir(workdir).checkpoints("teacher"))
   config.teacher.checkpoint = present
   assert preflight.missing(config, workdir, "pipeline") == []
 
