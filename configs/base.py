@@ -50,6 +50,9 @@ def get_config():
   teacher.mean_type = "x"  # network output: "x" | "eps" | "v" | "both"
   teacher.clip_x = True  # clip x-hat to [-1, 1] in the denoiser
   teacher.checkpoint = ""  # PD msgpack or dsno_jax orbax checkpoint; "" = train here
+  # may --mode=pipeline train the teacher when teacher.checkpoint is ""? Configs of a published
+  # teacher set False, so that a forgotten checkpoint is refused before any work
+  teacher.train_from_scratch = True
   # compute dtype of the teacher's denoiser (trajectories, teacher baselines, sample grids):
   # "float32" | "bfloat16"; separate from model.dtype, which the student trains in
   teacher.dtype = "float32"

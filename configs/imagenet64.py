@@ -14,6 +14,9 @@ def get_config():
   model.dropout, model.resblock_resample = 0.1, True
 
   config.teacher.mean_type = "both"
+  # the published teacher is meant: --mode=pipeline refuses to train one (800k steps) unless
+  # --config.teacher.train_from_scratch=True
+  config.teacher.train_from_scratch = False
   # Teacher training (mode train_teacher) when no published teacher is used; PD-style:
   teacher_train = config.teacher.train
   teacher_train.batch_size, teacher_train.num_steps = 2048, 800_000

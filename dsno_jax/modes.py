@@ -167,7 +167,8 @@ def run(mode: str, config, workdir: str):
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; expected one of {sorted(MODES)}")
   import jax
-  from dsno_jax import lock, parallel
+  from dsno_jax import lock, parallel, preflight
+  preflight.check(config, workdir, mode)  # on every host, before any work or collective
   parallel.initialize_distributed(config)  # before jax.process_index() starts the backends
   with lock.hold(Workdir(workdir).lock, f"--mode={mode}", enabled=jax.process_index() == 0):
     with preemption.listening():

@@ -14,6 +14,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsno_jax import preemption
+from dsno_jax.errors import UserError
 
 DATA_AXIS = "data"
 # Parameters smaller than this (elements) stay replicated under FSDP: sharding them saves
@@ -150,7 +151,9 @@ def fail_every_process(error: BaseException) -> None:
   first = (str(error).strip().splitlines() or [""])[0]
   message = f"process {jax.process_index()} of {jax.process_count()} failed: " \
             f"{type(error).__name__}: {first}"
-  logging.error("%s; stopping every process", message, exc_info=error)
+  # a user error's message says what to fix; its traceback would only bury it
+  logging.error("%s; stopping every process", message,
+                exc_info=None if isinstance(error, UserError) else error)
   try:
     client.key_value_set(_FAILURE_KEY, message)
   except Exception:  # pylint: disable=broad-except
@@ -174,15 +177,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum: int = 1) -> int:
-  """Per-device examples of one micro-batch; ValueError when the batch does not divide."""
+  """Per-device examples of one micro-batch; UserError when the batch does not divide."""
   devices = mesh.devices.size
   if global_batch_size <= 0 or global_batch_size % devices:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"{devices} devices; use a multiple of {devices}")
+    raise UserError(f"global batch size {global_batch_size} is not divisible by the "
+                    f"{devices} devices; use a multiple of {devices}")
   per_device = global_batch_size // devices
   if grad_accum < 1 or per_device % grad_accum:
-    raise ValueError(f"grad_accum={grad_accum} does not divide the {per_device} examples per "
-                     f"device (global batch {global_batch_size} over {devices} devices)")
+    raise UserError(f"grad_accum={grad_accum} does not divide the {per_device} examples per "
+                    f"device (global batch {global_batch_size} over {devices} devices)")
   return per_device // grad_accum
 
 

@@ -39,6 +39,10 @@ class Workdir:
     """TensorBoard events of a training run."""
     return self._join("logs", role)
 
+  def parameter_table(self, role: str) -> str:
+    """The names, shapes and sizes of a training run's parameters (markdown)."""
+    return self._join("logs", f"params_{role}.md")
+
   def profile(self, role: str) -> str:
     return self._join("profile", role)
 

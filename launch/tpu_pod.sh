@@ -275,6 +275,8 @@ case "$(basename "$CONFIG")" in
       exit 2
     fi ;;
 esac
+# the Python entry refuses the same unless told (configs/base.py: teacher.train_from_scratch)
+[[ $TRAIN_TEACHER == 1 ]] && EXTRA+=("--config.teacher.train_from_scratch=True")
 
 RUN="${RUN:-$(basename "$CONFIG" .py)}"
 [[ "$RUN" =~ ^[A-Za-z0-9._-]+$ ]] || usage "--run '$RUN': letters, digits, '.', '_' and '-' only"

@@ -202,6 +202,8 @@ def test_tpu_pod_refuses_to_train_a_paper_teacher_by_accident(config):
                 ["--", "--config.teacher.checkpoint", "gs://my-bucket/pd"]):
     code, out, err = tpu_dry_run("--config", config, "--dry-run", *extra)
     assert code == 0 and "--mode=pipeline" in out, (extra, err)
+    asked = "--config.teacher.train_from_scratch=True" in out  # passed on to the Python refusal
+    assert asked == (extra == ["--train-teacher"]), (extra, out)
   code, _, err = tpu_dry_run("--config", config, "--mode", "train", "--dry-run")
   assert code == 0, err
 

@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = (
     ("dsno_jax", "dsno_jax.backend", "dsno_jax.storage", "dsno_jax.workdir", "dsno_jax.lock",
      "dsno_jax.trees", "dsno_jax.parallel", "dsno_jax.preemption", "dsno_jax.pictures",
-     "dsno_jax.weights"),  # shared
+     "dsno_jax.weights", "dsno_jax.errors"),  # shared
     ("dsno_jax.diffusion", "dsno_jax.ode"),  # the maths
     ("dsno_jax.data",),
     ("dsno_jax.models",),
@@ -20,7 +20,7 @@ LAYERS = (
     ("dsno_jax.export",),
     ("dsno_jax.evaluation",),
     ("dsno_jax.modes", "dsno_jax.main", "dsno_jax.convert", "dsno_jax.api",
-     "dsno_jax.models.__main__"),  # entry points
+     "dsno_jax.models.__main__", "dsno_jax.preflight", "dsno_jax.console"),  # entry points
 )
 
 

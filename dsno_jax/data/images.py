@@ -78,6 +78,40 @@ def _not_prepared_error(name: str, data_dir: str) -> FileNotFoundError:
       f"config.data.data_dir at a directory that holds it.{manual}")
 
 
+def missing(config, workdir: str, split: Optional[str] = None) -> Optional[str]:
+  """Why config.data's `split` cannot be read, saying what to do, or None; reads no images,
+  so that a run can check its data before any work."""
+  name, split = config.data.name, split or config.data.train_split
+  if name == "digits":
+    return None  # built from scikit-learn's copy on first use
+  if name == "folder":
+    root = config.data.data_dir
+    if not root or not storage.isdir(storage.join(root, split)):
+      return _folder_message(root, split)
+    return None
+  import tensorflow_datasets as tfds
+  data_dir = default_data_dir(config, workdir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  except Exception as e:  # unknown names raise TFDS's own DatasetNotFoundError
+    return _unknown_name_message(name, e)
+  if not builder.is_prepared():
+    return str(_not_prepared_error(name, data_dir))
+  if split not in builder.info.splits:
+    return f"split {split!r} of {name!r}; expected one of {list(builder.info.splits)}"
+  return None
+
+
+def _unknown_name_message(name: str, error: Exception) -> str:
+  return (f"data.name={name!r} is not a TFDS data set ({error}); expected 'digits', 'folder' "
+          "or a TFDS name such as 'cifar10'")
+
+
+def _folder_message(root: str, split: str) -> str:
+  return (f"data.name='folder' needs data.data_dir=ROOT with images in ROOT/{split}/LABEL/*.png "
+          f"(or .jpg); {os.path.join(root or '<unset>', split)} is not a directory")
+
+
 def _center_crop_resize(images: np.ndarray, size: int) -> np.ndarray:
   """uint8 (N, H, W, C) -> uint8 (N, size, size, C): central square, then area/bilinear."""
   n, h, w, c = images.shape
@@ -108,9 +142,7 @@ def _folder_source(config, split: str) -> InMemorySource:
   import tensorflow_datasets as tfds
   root = config.data.data_dir
   if not root or not storage.isdir(storage.join(root, split)):
-    raise FileNotFoundError(
-        f"data.name='folder' needs data.data_dir=ROOT with images in ROOT/{split}/LABEL/*.png "
-        f"(or .jpg); {os.path.join(root or '<unset>', split)} is not a directory")
+    raise FileNotFoundError(_folder_message(root, split))
   builder = tfds.folder_dataset.ImageFolder(storage.local_copy(root), shape=(None, None, config.data.channels))
   labels_found = builder.info.features["label"].num_classes
   classes = config.data.num_classes
@@ -147,8 +179,7 @@ def load_source(config, workdir: str, split: Optional[str] = None):
         data_dir = storage.cache_path(data_dir)
         builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     except Exception as e:  # unknown names raise TFDS's own DatasetNotFoundError
-      raise ValueError(f"data.name={name!r} is not a TFDS data set ({e}); expected 'digits', "
-                       "'folder' or a TFDS name such as 'cifar10'") from e
+      raise ValueError(_unknown_name_message(name, e)) from e
     if not builder.is_prepared():
       raise _not_prepared_error(name, data_dir)
   if split not in builder.info.splits:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsno_jax import backend, diffusion, trees
+from dsno_jax.errors import UserError
 from dsno_jax.models.blocks import attention_heads, group_norm
 from dsno_jax.models.unet import DSNO, UNet
 
@@ -48,35 +49,35 @@ def teacher_dtype(config):
 
 
 def check_model_config(config):
-  """ValueError naming the config field when the UNet of `config` cannot be built."""
+  """UserError naming the config field when the UNet of `config` cannot be built."""
   model, image_size = config.model, config.data.image_size
   for name in ("ch", "emb_ch"):
     if not isinstance(model[name], int) or model[name] < 1:
-      raise ValueError(f"model.{name}={model[name]!r}; expected a positive integer")
+      raise UserError(f"model.{name}={model[name]!r}; expected a positive integer")
   ch_mult = tuple(model.ch_mult)
   if not ch_mult or any(not isinstance(m, int) or m < 1 for m in ch_mult):
-    raise ValueError(f"model.ch_mult={ch_mult}; expected one or more positive integers (one "
-                     "channel multiplier per resolution level)")
+    raise UserError(f"model.ch_mult={ch_mult}; expected one or more positive integers (one "
+                    "channel multiplier per resolution level)")
   if not isinstance(model.num_res_blocks, int) or model.num_res_blocks < 1:
-    raise ValueError(f"model.num_res_blocks={model.num_res_blocks!r}; expected a positive "
-                     "integer (ResnetBlocks per level)")
+    raise UserError(f"model.num_res_blocks={model.num_res_blocks!r}; expected a positive "
+                    "integer (ResnetBlocks per level)")
   groups = group_norm("probe", jnp.float32).num_groups  # the one place that sets it
   if model.ch % groups:
-    raise ValueError(f"model.ch={model.ch}: the UNet's GroupNorms have {groups} groups, which "
-                     f"must divide every channel count; use a multiple of {groups}")
+    raise UserError(f"model.ch={model.ch}: the UNet's GroupNorms have {groups} groups, which "
+                    f"must divide every channel count; use a multiple of {groups}")
   halvings = len(ch_mult) - 1
   if image_size % (2 ** halvings):
-    raise ValueError(f"data.image_size={image_size} cannot be halved {halvings} times "
-                     f"(model.ch_mult={ch_mult} has {len(ch_mult)} levels); use a multiple of "
-                     f"{2 ** halvings} or fewer levels")
+    raise UserError(f"data.image_size={image_size} cannot be halved {halvings} times "
+                    f"(model.ch_mult={ch_mult} has {len(ch_mult)} levels); use a multiple of "
+                    f"{2 ** halvings} or fewer levels")
   attended = {model.ch * ch_mult[-1]} | {model.ch * m for i, m in enumerate(ch_mult)
                                          if image_size // 2 ** i in tuple(model.attn_resolutions)}
   for channels in sorted(attended):
     try:
       attention_heads(channels, model.num_heads, model.head_dim)
     except ValueError as e:
-      raise ValueError(f"model.num_heads={model.num_heads}, model.head_dim={model.head_dim}: "
-                       f"{e} (an attention block of the UNet)") from None
+      raise UserError(f"model.num_heads={model.num_heads}, model.head_dim={model.head_dim}: "
+                      f"{e} (an attention block of the UNet)") from None
 
 
 def teacher_from_config(config) -> UNet:

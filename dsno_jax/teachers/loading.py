@@ -1,7 +1,7 @@
 """The configured teacher: a UNet (Progressive Distillation checkpoint or export) or a mixture."""
 import dataclasses
 import hashlib
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import flax
@@ -65,26 +65,36 @@ def load_teacher_params(config, workdir: str) -> Tuple[Dict, str]:
     elif storage.isfile(path):
       params, source = _params_from_pd_msgpack(path, config), "pd_msgpack"
     else:
-      raise FileNotFoundError(
-          f"config.teacher.checkpoint={config.teacher.checkpoint!r} does not exist; expected a "
-          "Progressive Distillation msgpack file or a directory written by save_model "
-          "(dsno_jax.models.io)")
+      raise FileNotFoundError(missing_teacher(config, workdir))
   elif config.teacher.kind == "digits_mixture":
     raise ValueError("config.teacher.kind='digits_mixture' is an exact teacher with no UNet "
                      "parameters; set teacher.kind='unet' or teacher.checkpoint")
   else:
     path = Workdir(workdir).teacher_export
     if not storage.isdir(path):
-      raise FileNotFoundError(
-          f"no teacher: {path} does not exist. Run --mode=train_teacher first, or set "
-          "config.teacher.checkpoint (PD msgpack or save_model export) or "
-          "config.teacher.kind='digits_mixture'")
+      raise FileNotFoundError(missing_teacher(config, workdir))
     params, source = _params_from_export(path, config), "dsno_jax_export"
   # The identity names the content, not the path, so a moved checkpoint is the same teacher.
   identity = (f"unet:{source}:mean_type={config.teacher.mean_type}:clip_x="
               f"{bool(config.teacher.clip_x)}:params_sha256={params_digest(params)}")
   logging.info("teacher %s from %s", identity, path)
   return params, identity
+
+
+def missing_teacher(config, workdir: str) -> Optional[str]:
+  """Why the configured teacher cannot be read, saying what to do, or None; reads no weights."""
+  if config.teacher.checkpoint:
+    if storage.exists(resolve(config.teacher.checkpoint)):
+      return None
+    return (f"config.teacher.checkpoint={config.teacher.checkpoint!r} does not exist; expected a "
+            "Progressive Distillation msgpack file or a directory written by save_model "
+            "(dsno_jax.models.io)")
+  path = Workdir(workdir).teacher_export
+  if config.teacher.kind == "digits_mixture" or storage.isdir(path):
+    return None
+  return (f"no teacher: {path} does not exist. Run --mode=train_teacher first, or set "
+          "config.teacher.checkpoint (PD msgpack or save_model export) or "
+          "config.teacher.kind='digits_mixture'")
 
 
 @dataclasses.dataclass(frozen=True)

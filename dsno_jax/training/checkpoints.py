@@ -25,7 +25,7 @@ SETTINGS_SECTIONS = {"teacher": "teacher.train", "student": "train", "refine": "
 # sections gives the saved state its meaning and must match the checkpoints' config.json.
 RESUMABLE_FIELDS = ("profile", "distributed", "eval", "data.data_dir", "data.num_workers",
                     "tensorboard_upload_every_s",
-                    "refine.in_pipeline",
+                    "refine.in_pipeline", "teacher.train_from_scratch",
                     "trajectory.dir", "model.remat", "model.time_conv_impl") + tuple(
     f"{section}.{name}" for section in SETTINGS_SECTIONS.values()
     for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -375,8 +375,10 @@ def restore_ema_params(workdir: str, role: str, abstract_params, config=None, me
   if not storage.isdir(directory):
     raise FileNotFoundError(f"no {role} checkpoints at {directory}; train first "
                             f"(--mode={'train' if role == 'student' else 'train_teacher'})")
+  # the settings read_only implies, which orbax would otherwise change with a warning each
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler(),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=options)
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint; train first")

@@ -7,6 +7,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dsno_jax import parallel, preemption
+from dsno_jax.errors import UserError
 from dsno_jax.training import checkpoints, reporting
 from dsno_jax.training import state as state_lib
 from dsno_jax.training.objectives import Objective
@@ -32,15 +33,15 @@ _POSITIVE_SETTINGS = ("batch_size", "num_steps", "log_every", "checkpoint_every"
 
 
 def check_settings(settings, section: str):
-  """ValueError naming the first field of `section` (e.g. "teacher.train") that is meaningless."""
+  """UserError naming the first field of `section` (e.g. "teacher.train") that is meaningless."""
   for name in _POSITIVE_SETTINGS:
     value = settings[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{section}.{name}={value!r}; expected a positive integer "
-                       f"(set --config.{section}.{name}=...)")
+      raise UserError(f"{section}.{name}={value!r}; expected a positive integer "
+                      f"(set --config.{section}.{name}=...)")
   if settings.sample_every < 0:
-    raise ValueError(f"{section}.sample_every={settings.sample_every!r}; expected 0 (no sample "
-                     "grids) or a positive number of steps")
+    raise UserError(f"{section}.sample_every={settings.sample_every!r}; expected 0 (no sample "
+                    "grids) or a positive number of steps")
 
 
 def _resume_advice(manager, section: str) -> str:
@@ -125,7 +126,7 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
   logging.info("%s: %s", role, runtime)
   writer.write_texts(start, {"runtime": runtime})
   if start == 0:
-    reporting.log_parameters(state.params)
+    reporting.log_parameters(state.params, workdir, role)
   else:
     logging.info("%s: resuming at step %d", role, start)
   report = reporting.progress(settings.num_steps, writer)

@@ -7,6 +7,7 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
 from dsno_jax import pictures, storage
+from dsno_jax.models import build
 from dsno_jax.workdir import Workdir
 
 
@@ -78,11 +79,17 @@ def progress(num_steps: int, writer) -> periodic_actions.ReportProgress:
                                          every_secs=60.0)
 
 
-def log_parameters(params) -> None:
-  """Names, shapes and sizes (no statistics: parameters may be sharded over hosts)."""
+def log_parameters(params, workdir: str, role: str) -> str:
+  """Writes the table of names, shapes and sizes to WORKDIR/logs/params_ROLE.md (no statistics:
+  parameters may be sharded over hosts) and logs its total; returns the table's path."""
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  parameter_overview.log_parameter_overview(shapes, include_stats=False,
-                                            msg="parameters", jax_logging_process=0)
+  total = build.count_params(shapes)
+  path = Workdir(workdir).parameter_table(role)
+  if jax.process_index() == 0:
+    table = parameter_overview.get_parameter_overview(shapes, include_stats=False)
+    storage.write_text(path, f"# {role} parameters: {total:,}\n\n```text\n{table}\n```\n")
+    logging.info("%s: %s parameters (table: %s)", role, f"{total:,}", path)
+  return path
 
 
 def write_samples(writer, workdir: str, role: str, step: int, images: np.ndarray,
