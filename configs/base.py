@@ -125,23 +125,31 @@ def get_config():
   # DMD (Yin et al. 2024): a fake denoiser, initialised from the teacher, learns the student's
   # t=0 samples with the teacher's loss; the student moves along w (x_fake - x_real) at
   # z_t = alpha_t x + sigma_t eps. Starts from WORKDIR/export, writes WORKDIR/export_refined.
+  # The optimiser defaults are DMD2's (github.com/tianweiy/DMD2, main/edm/train_edm.py and
+  # experiments/imagenet/*.sh; configs/cifar10.py and imagenet64.py add its batch, length and
+  # GAN term); configs/digits.py has its own, tuned on the digits.
   config.refine = refine = ml_collections.ConfigDict()
   refine.in_pipeline = False  # run the refine stage in --mode=pipeline (after export)
   refine.batch_size = 64  # global batch of generator samples (examples)
   refine.num_steps = 400  # optimiser steps, fake-denoiser and generator updates counted together
-  refine.fake_steps = 4  # fake-denoiser updates per generator update (two time-scale rule)
-  refine.learning_rate = 1e-5  # the generator's (student's) Adam learning rate, constant
-  refine.fake_learning_rate = 1e-4  # the fake denoiser's Adam learning rate, constant
-  refine.b1, refine.b2, refine.eps = 0.0, 0.999, 1e-8  # Adam of both (DMD2 uses b1 = 0)
-  refine.grad_clip = 1.0  # global-norm clip of each half's gradient (0 = off)
+  refine.fake_steps = 5  # fake-denoiser updates per generator update (DMD2's ImageNet-64: 5)
+  refine.learning_rate = 2e-6  # the generator's (student's) AdamW learning rate, constant
+  refine.fake_learning_rate = 2e-6  # the fake denoiser's AdamW learning rate, constant
+  refine.b1, refine.b2, refine.eps = 0.9, 0.999, 1e-8  # AdamW of both (DMD2: PyTorch's defaults)
+  refine.weight_decay = 0.01  # AdamW's decoupled weight decay, per unit learning rate (0 = Adam)
+  refine.grad_clip = 10.0  # global-norm clip of each half's gradient (0 = off; DMD2: 10)
   refine.grad_accum = 1  # micro-batches per optimiser step
-  refine.ema_decay = 0.99  # EMA of parameters, per step (the refined export is the EMA)
-  # t range of the distribution-matching noise, in [0, 1] of the cosine schedule (DMD: 0.02-0.98)
+  # EMA of the generator, per step (the refined export is the EMA); decay min(ema_decay,
+  # (1 + n) / (10 + n)) at update n; 0 = no EMA, the export is the generator (DMD2 keeps none)
+  refine.ema_decay = 0.0
+  # t range of the distribution-matching noise, in [0, 1] of the cosine schedule (DMD and DMD2:
+  # 0.02-0.98 of their noise levels); the fake denoiser trains on the whole range t ~ U(0, 1)
   refine.t_min, refine.t_max = 0.02, 0.98
   refine.dmd_weighting = "dmd"  # "dmd" (1 / mean|x - x_real| per example) | "uniform"
-  refine.fake_loss_weighting = "snr_trunc"  # the fake denoiser's loss, as teacher.train's
+  # the fake denoiser's loss, as teacher.train's (DMD2 weights its x error by SNR + 4, EDM's)
+  refine.fake_loss_weighting = "snr_trunc"
   # DSNO's trajectory loss (train.loss, train.time_weighting) on the trajectory dataset, kept as
-  # a regulariser (DMD's regression term) times this weight; 0 = off
+  # a regulariser (DMD's regression term) times this weight; 0 = off, the trajectories unread
   refine.regression_weight = 0.0
   # DMD2's GAN term on real images (Sec. 4.3), off by default: a classifier head on the fake
   # denoiser's middle features tells noised real images (data.train_split) from noised samples.
@@ -152,6 +160,8 @@ def get_config():
   # the generator's adversarial loss, times this (dimensionless, relative to its DMD loss;
   # DMD2's ImageNet-64 run: 3e-3), joins its loss; needs gan_discriminator_weight > 0; 0 = off
   refine.gan_weight = 0.0
+  # the GAN term's noise: t ~ U(0, gan_t_max) of the cosine schedule (DMD2: all of its levels)
+  refine.gan_t_max = 1.0
   refine.gan_loss = "non_saturating"  # "non_saturating" (DMD2's) | "hinge"
   refine.log_every = 50  # steps between metric writes
   refine.checkpoint_every = 200  # steps between checkpoints

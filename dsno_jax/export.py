@@ -41,15 +41,13 @@ def export_refined(config, workdir: str) -> str:
   its K-1 other outputs share the refined backbone, are not trained towards the teacher's
   trajectories (except by refine.regression_weight > 0) and are not to be trusted.
   """
-  from dsno_jax.training import refine
   parallel.initialize_distributed(config)
-  abstract = refine.param_shapes(config)
+  abstract = models.param_shapes(models.init_student, config)  # the EMA follows the generator
   mesh = parallel.make_mesh()
   params, step = checkpoints.restore_ema_params(workdir, "refine", abstract, config, mesh)
   preemption.check("export of the refined student")  # before anything is written
-  path = model_io.save_model(Workdir(workdir).refined_export,
-                             parallel.to_host(params[refine.GENERATOR], mesh), config,
-                             role="student")
+  path = model_io.save_model(Workdir(workdir).refined_export, parallel.to_host(params, mesh),
+                             config, role="student")
   parallel.barrier("dsno_jax:export_refined")  # process 0 finishes the export's files last
   logging.info("exported the EMA refined student of step %d to %s", step, path)
   return path

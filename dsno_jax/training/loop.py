@@ -137,15 +137,23 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
     local = next(batches)
     return parallel.global_batch({k: local[k] for k in objective.batch_keys}, mesh)
 
-  train_step, next_step_check, upcoming, profiling = None, None, None, False
+  kind_of = objective.step_kind or (lambda step: None)
+  # compiled on first use, per kind of update; the check at the first save (most runs save
+  # rarely, and a run that never reaches a save never pays for its compilation)
+  programs, checks, upcoming, profiling = {}, {}, None, False
+
+  def compiled(cache, jitted, name, kind, *args):
+    if kind not in cache:
+      suffix = "" if kind is None else f"_{kind}"
+      cache[kind] = parallel.compile_in_lockstep(jitted, *args, kind,
+                                                 name=f"{role}_{name}{suffix}")
+    return cache[kind]
+
   with preemption.listening():
     for step in range(start, settings.num_steps):
       batch, upcoming = next_batch() if upcoming is None else upcoming, None
-      if train_step is None:  # the check too, so a save on SIGTERM never waits for a compile
-        train_step = parallel.compile_in_lockstep(run.train_step, state, batch, frozen,
-                                                  name=f"{role}_train_step")
-        next_step_check = parallel.compile_in_lockstep(run.next_step_check, state, batch, frozen,
-                                                       name=f"{role}_next_step_check")
+      train_step = compiled(programs, run.train_step, "train_step", kind_of(step), state,
+                            batch, frozen)
       if config.profile and step == start + 1:  # after compilation; 3 steps
         jax.profiler.start_trace(Workdir(workdir).profile(role))
         profiling = True
@@ -165,7 +173,9 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
         pending = []
       if save_now:
         upcoming = next_batch()  # the batch of step done + 1, which the saved state must survive
-        _check_savable(next_step_check, state, upcoming, frozen, done, manager, section)
+        check = compiled(checks, run.next_step_check, "next_step_check", kind_of(done), state,
+                         upcoming, frozen)
+        _check_savable(check, state, upcoming, frozen, done, manager, section)
         checkpoints.save(manager, state, force=preempted)
       if settings.sample_every and done % settings.sample_every == 0 and run.sample:
         sample = parallel.compile_in_lockstep(run.sample, state.ema_params, name="sample")

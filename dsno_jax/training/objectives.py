@@ -28,6 +28,11 @@ class Objective(NamedTuple):
   loss_fn then takes them as a fourth argument. The jitted step receives them as an argument,
   sharded like the parameters and outside the train state: they are not compiled in as
   constants, not averaged and not checkpointed (a run reads them again when it starts).
+  step_kind(n) -> the kind of update n (0-based), chosen on the host, or None (one kind): each
+  kind is its own compiled program, so no branch of the update sits inside a `lax.cond` (where
+  XLA:CPU runs a backward pass about 10x slower); loss_fn then takes `kind=` and the optimiser's
+  update `kind=` as static keyword arguments.
+  averaged(params) -> the part of the parameters the EMA follows, or None (all of them).
   """
   role: str  # "teacher" | "student" | "refine"
   settings: object  # config.teacher.train, config.train or config.refine
@@ -39,7 +44,8 @@ class Objective(NamedTuple):
   optimizer: Optional[Callable] = None
   frozen_params: Optional[Callable] = None
   sample_labels: Optional[np.ndarray] = None
-
+  step_kind: Optional[Callable] = None
+  averaged: Optional[Callable] = None
 
 
 def _labels(batch, config):

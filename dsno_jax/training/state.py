@@ -44,11 +44,13 @@ def make_optimizer(settings):
   return adam, schedule
 
 
-def create(params, tx: optax.GradientTransformation, rng) -> TrainState:
-  """A fresh state at step 0; the EMA starts at the parameters."""
+def create(params, tx: optax.GradientTransformation, rng, averaged=None) -> TrainState:
+  """A fresh state at step 0; the EMA starts at the parameters (at averaged(params) when given:
+  the part it follows)."""
   params = jax.tree_util.tree_map(jnp.asarray, params)
+  ema = params if averaged is None else averaged(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                    ema_params=jax.tree_util.tree_map(jnp.copy, ema),
                     opt_state=tx.init(params), rng=jnp.asarray(rng, jnp.uint32))
 
 
@@ -63,11 +65,13 @@ def ema_update(ema_params, params, decay):
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
-                    ema_decay: float) -> TrainState:
-  """One optimiser step, then the EMA of the new parameters."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+                    ema_decay: float, averaged=None, **extra_args) -> TrainState:
+  """One optimiser step (extra_args go to tx.update), then the EMA of the new parameters (of
+  averaged(params) when given)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
   params = optax.apply_updates(state.params, updates)
-  ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
+  ema = ema_update(state.ema_params, params if averaged is None else averaged(params),
+                   ema_decay_at(state.step, ema_decay))
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
 
 

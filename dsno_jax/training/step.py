@@ -23,29 +23,39 @@ def _micro_batches(x, grad_accum: int, mesh: Mesh):
 
 
 def _loss(objective: Objective) -> Callable:
-  """(params, batch, rng, frozen) -> (loss, aux): objective.loss_fn, frozen passed only to the
-  objectives that have frozen parameters (and with no gradient into them)."""
-  if objective.frozen_params is None:
-    return lambda params, batch, rng, frozen: objective.loss_fn(params, batch, rng)
-  return lambda params, batch, rng, frozen: objective.loss_fn(params, batch, rng,
-                                                              jax.lax.stop_gradient(frozen))
+  """(params, batch, rng, frozen, kind) -> (loss, aux): objective.loss_fn, frozen passed only to
+  the objectives that have frozen parameters (and with no gradient into them), kind only to
+  those with step kinds."""
+  def loss(params, batch, rng, frozen, kind):
+    args = (params, batch, rng)
+    if objective.frozen_params is not None:
+      args += (jax.lax.stop_gradient(frozen),)
+    return objective.loss_fn(*args, **_kind_argument(objective, kind))
+
+  return loss
+
+
+def _kind_argument(objective: Objective, kind) -> dict:
+  """The static `kind=` keyword of the loss and the optimiser, for objectives with step kinds."""
+  return {} if objective.step_kind is None else {"kind": kind}
 
 
 def _loss_and_grads(objective: Objective, mesh: Mesh) -> Callable:
-  """(params, batch, rng, frozen) -> (loss, aux, grads) on the global batch, over its
+  """(params, batch, rng, frozen, kind) -> (loss, aux, grads) on the global batch, over its
   micro-batches; gradients in params only."""
   grad_fn = jax.value_and_grad(_loss(objective), has_aux=True)
   grad_accum = objective.settings.grad_accum
 
-  def loss_and_grads(params, batch, rng, frozen):
+  def loss_and_grads(params, batch, rng, frozen, kind):
     if grad_accum == 1:
-      (loss, aux), grads = grad_fn(params, batch, rng, frozen)
+      (loss, aux), grads = grad_fn(params, batch, rng, frozen, kind)
       return loss, aux, grads
     micro = jax.tree_util.tree_map(lambda x: _micro_batches(x, grad_accum, mesh), batch)
 
     def accumulate(total, inputs):
       index, micro_batch = inputs
-      (loss, aux), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), frozen)
+      (loss, aux), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), frozen,
+                                   kind)
       return jax.tree_util.tree_map(jnp.add, total, (grads, loss)), aux
 
     zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
@@ -59,8 +69,9 @@ def _loss_and_grads(objective: Objective, mesh: Mesh) -> Callable:
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh) -> Callable:
-  """train_step(state, batch, frozen) -> (state, metrics): one optimiser step on the global
-  batch; frozen: objective.frozen_params() on the mesh, or None.
+  """train_step(state, batch, frozen, kind) -> (state, metrics): one optimiser step on the global
+  batch; frozen: objective.frozen_params() on the mesh, or None; kind: objective.step_kind of
+  this update (None without step kinds).
 
   metrics["state_finite"] says whether the new parameters, their EMA and the optimiser state
   are all finite.
@@ -68,9 +79,11 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
   loss_and_grads = _loss_and_grads(objective, mesh)
   ema_decay = objective.settings.ema_decay
 
-  def train_step(state, batch, frozen):
-    loss, aux, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state), frozen)
-    new_state = state_lib.apply_gradients(state, grads, tx, ema_decay)
+  def train_step(state, batch, frozen, kind=None):
+    loss, aux, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state), frozen,
+                                      kind)
+    new_state = state_lib.apply_gradients(state, grads, tx, ema_decay, objective.averaged,
+                                          **_kind_argument(objective, kind))
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step),
                    state_finite=state_lib.all_finite(new_state.params, new_state.ema_params,
@@ -81,16 +94,17 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
 
 
 def make_next_step_check(objective: Objective, mesh: Mesh) -> Callable:
-  """check(state, batch, frozen) -> (loss, gradients all finite) of train_step(state, batch,
-  frozen).
+  """check(state, batch, frozen, kind) -> (loss, gradients all finite) of train_step(state,
+  batch, frozen, kind).
 
   Whether a state can go on training: its parameters may be finite yet so large that the
   next loss or gradients are not, and no learning rate recovers from that.
   """
   loss_and_grads = _loss_and_grads(objective, mesh)
 
-  def check(state, batch, frozen):
-    loss, _, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state), frozen)
+  def check(state, batch, frozen, kind=None):
+    loss, _, grads = loss_and_grads(state.params, batch, state_lib.step_rng(state), frozen,
+                                    kind)
     return loss, state_lib.all_finite(grads)
 
   return check
@@ -102,8 +116,8 @@ class JittedRun(NamedTuple):
   state_shardings: state_lib.TrainState
   init_state: Callable  # params -> sharded TrainState
   place_frozen: Callable  # objective.frozen_params() (or None) -> its arrays on the mesh
-  train_step: Callable  # (state, batch, frozen) -> (state, metrics); donates state
-  next_step_check: Callable  # (state, batch, frozen) -> (loss, gradients finite) of that step
+  train_step: Callable  # (state, batch, frozen, kind) -> (state, metrics); donates state
+  next_step_check: Callable  # (state, batch, frozen, kind) -> (loss, gradients finite) of it
   sample: Optional[Callable]  # ema params -> replicated images
 
 
@@ -113,11 +127,12 @@ def jit_run(config, objective: Objective, mesh: Mesh) -> JittedRun:
   parallel.check_batch_size(settings.batch_size, mesh, settings.grad_accum)
   tx, schedule = (objective.optimizer or state_lib.make_optimizer)(settings)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  abstract = jax.eval_shape(
-      lambda: state_lib.create(objective.fresh_params(init_rng), tx, train_rng))
+  abstract = jax.eval_shape(lambda: state_lib.create(objective.fresh_params(init_rng), tx,
+                                                     train_rng, objective.averaged))
   shardings = parallel.state_shardings(abstract, mesh, settings.fsdp)
   replicated = parallel.replicated(mesh)
-  init_state = jax.jit(lambda p: state_lib.create(p, tx, train_rng), out_shardings=shardings)
+  init_state = jax.jit(lambda p: state_lib.create(p, tx, train_rng, objective.averaged),
+                       out_shardings=shardings)
   frozen_shardings = None
   if objective.frozen_params is not None:
     # sharded by the parameters' rule (FSDP too), never donated: every step reads them again
@@ -126,10 +141,12 @@ def jit_run(config, objective: Objective, mesh: Mesh) -> JittedRun:
   place_frozen = jax.jit(lambda f: jax.tree_util.tree_map(jnp.asarray, f),
                          out_shardings=frozen_shardings)
   step_in = (shardings, parallel.batch_sharding(mesh), frozen_shardings)
+  # kind (static) selects the program: one compilation per kind of update
   train_step = jax.jit(make_train_step(objective, tx, schedule, mesh), in_shardings=step_in,
-                       out_shardings=(shardings, replicated), donate_argnums=0)
+                       out_shardings=(shardings, replicated), donate_argnums=0,
+                       static_argnums=3)
   next_step_check = jax.jit(make_next_step_check(objective, mesh), in_shardings=step_in,
-                            out_shardings=replicated)
+                            out_shardings=replicated, static_argnums=3)
   sample = None
   if objective.sample_fn is not None:
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 7)
