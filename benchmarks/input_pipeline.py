@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -93,22 +92,12 @@ def rate(directory: str, batch: int, batches: int, workers: int, cache_gb: float
 
 @contextlib.contextmanager
 def emulator(log_path: str):
-  """A gcp-storage-emulator on 127.0.0.1 (tests/test_gcs.py's) with bucket `bkt`, in use meanwhile."""
-  from gcs_helpers import BUCKET, _EMULATOR, _wait_for_port
-  import training_helpers
-  port = training_helpers.free_port()
-  with open(log_path, "w") as log:
-    process = subprocess.Popen(
-        [sys.executable, "-c", _EMULATOR, "start", "--host=127.0.0.1", f"--port={port}",
-         "--in-memory", f"--default-bucket={BUCKET}"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-      _wait_for_port(port, process)
-      os.environ[storage.EMULATOR_ENV] = f"http://127.0.0.1:{port}"
-      storage.configure_emulator()
-      yield f"gs://{BUCKET}"
-    finally:
-      process.kill()
-      process.wait(30)
+  """A Cloud Storage emulator on 127.0.0.1 (the tests'), in use meanwhile: its bucket's URL."""
+  from gcs_helpers import BUCKET, running_emulator
+  with running_emulator(log_path) as url:
+    os.environ[storage.EMULATOR_ENV] = url
+    storage.configure_emulator()
+    yield f"gs://{BUCKET}"
 
 
 def main():

@@ -1,9 +1,11 @@
 """Shared pieces of the Cloud Storage tests: the emulator on loopback, a teacher in its bucket,
 the tiny gs:// pipeline's command line, and what a run left in the bucket."""
+import contextlib
 import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -67,31 +69,39 @@ def _wait_for_port(port: int, process, timeout: float = 30.0):
   raise TimeoutError(f"gcp-storage-emulator did not listen on port {port} in {timeout} s")
 
 
+@contextlib.contextmanager
+def running_emulator(log_path: str, python: str = sys.executable):
+  """The URL of a gcp-storage-emulator on 127.0.0.1 with bucket BUCKET, stopped on exit."""
+  port = helpers.free_port()
+  with open(log_path, "w") as log:
+    process = subprocess.Popen(
+        [python, "-c", _EMULATOR, "start", "--host=127.0.0.1", f"--port={port}",
+         "--in-memory", f"--default-bucket={BUCKET}"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+      _wait_for_port(port, process)
+      yield f"http://127.0.0.1:{port}"
+    finally:
+      process.kill()
+      process.wait(30)
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
   """The emulator's URL; this process's Cloud Storage clients point at it meanwhile."""
-  port = helpers.free_port()
-  log = open(tmp_path_factory.mktemp("emulator") / "emulator.log", "w")
-  process = subprocess.Popen(
-      [helpers.python(), "-c", _EMULATOR, "start", "--host=127.0.0.1", f"--port={port}",
-       "--in-memory", f"--default-bucket={BUCKET}"], stdout=log, stderr=subprocess.STDOUT)
   saved = dict(os.environ)
   try:
-    _wait_for_port(port, process)
-    url = f"http://127.0.0.1:{port}"
-    os.environ[storage.EMULATOR_ENV] = url
-    storage.configure_emulator()
-    # epath decides once per process whether gs:// goes through TensorFlow; earlier tests of
-    # this session may have made it decide before EPATH_USE_TF was set.
-    gpath._is_tf_installed.cache_clear()
-    yield url
+    with running_emulator(tmp_path_factory.mktemp("emulator") / "emulator.log",
+                          helpers.python()) as url:
+      os.environ[storage.EMULATOR_ENV] = url
+      storage.configure_emulator()
+      # epath decides once per process whether gs:// goes through TensorFlow; earlier tests of
+      # this session may have made it decide before EPATH_USE_TF was set.
+      gpath._is_tf_installed.cache_clear()
+      yield url
   finally:
     os.environ.clear()
     os.environ.update(saved)
     gpath._is_tf_installed.cache_clear()
-    process.kill()
-    process.wait(30)
-    log.close()
 
 
 @pytest.fixture(scope="module")

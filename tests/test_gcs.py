@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import gcs_helpers
 from gcs_helpers import BUCKET, emulator, objects, teacher  # noqa: F401  (fixtures)
