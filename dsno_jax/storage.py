@@ -330,6 +330,8 @@ class Prefetcher:
       try:
         _fetch_file(remote, local)
       except Exception as e:  # every reader of it should see why, not wait forever
+        if self._closed:  # nobody reads any more: its directory or bucket may be gone
+          return
         with open(local + FAILED_SUFFIX, "w") as f:
           f.write(f"{type(e).__name__}: {e}")
       with self._changed:
