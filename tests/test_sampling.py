@@ -78,7 +78,7 @@ def test_batches_round_up_to_the_device_count_and_bad_labels_are_refused(exporte
   assert parallel.round_up_batch(1000, 16) == 1008 and parallel.round_up_batch(1000, 8) == 1000
   assert parallel.round_up_batch(64, 256) == 256
   assert parallel.round_up_batch(13, 8, grad_accum=2) == 16
-  with caplog.at_level("INFO"):
+  with caplog.at_level("INFO", logger="absl"):
     parallel.round_up_batch(64, 256, name="refine.batch_size")
   assert "refine.batch_size=64 rounded up to 256, a multiple of the 256 devices" in caplog.text
   with pytest.raises(ValueError, match="eval.batch_size=0; expected a positive integer"):
