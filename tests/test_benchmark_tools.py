@@ -1,19 +1,15 @@
 """benchmarks/: digits_seeds.py's table over seeds, the PyTorch reference network and
 gpu_vs_torch.py end to end, on data made here (no accelerator needed)."""
-import gzip
 import json
 import os
 import sys
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import tiny
 from dsno_jax import diffusion, models
-from param_utils import assert_trees_close, random_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import digits_seeds  # noqa: E402

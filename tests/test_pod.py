@@ -4,7 +4,6 @@ Storage emulator) with the others. The job survives a hard kill of every host an
 other hosts, stops every stage on SIGTERM with exit status 75 and resumes to the uninterrupted
 run's results, keeps each host's copy of the data within `data.cache_gb`, and stops every host
 when one fails."""
-import time
 
 import pytest
 import gcs_helpers
