@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 import uuid
-from typing import Dict, Iterator, List, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from absl import logging
 
@@ -257,17 +257,26 @@ def temporary_copy(p: PathLike) -> Iterator[str]:
 FAILED_SUFFIX = ".failed"  # next to a copy that could not be made: the error, for its readers
 
 
-def wait_for_copy(local: str, remote: str, poll_s: float = 0.01) -> str:
+class CopyAbandoned(Exception):
+  """Its reader closed while a thread still waited for a copy that will now never come."""
+
+
+def wait_for_copy(local: str, remote: str, poll_s: float = 0.01,
+                  abandoned: Optional[threading.Event] = None) -> str:
   """`local` once a Prefetcher (in this or another process) has copied `remote` there.
 
   OSError with the fetch's error when it failed; no time limit, since a copy wanted ahead of
-  time may only be fetched once the reader before it moves on.
+  time may only be fetched once the reader before it moves on. CopyAbandoned once `abandoned`
+  is set: a read-ahead thread must not wait past its reader's close (Python joins such threads
+  at exit, so the process would never end).
   """
   while not os.path.exists(local):
     failed = local + FAILED_SUFFIX
     if os.path.exists(failed):
       with open(failed) as f:
         raise OSError(f"copying {remote} to {local} failed: {f.read()}")
+    if abandoned is not None and abandoned.is_set():
+      raise CopyAbandoned(f"the reader of {remote} was closed")
     time.sleep(poll_s)
   return local
 

@@ -37,8 +37,9 @@ SAMPLE = {"eval.num_samples": 64, "eval.batch_size": 8}
 # "write_503": writing a trajectory shard fails as a Cloud Storage 503 would;
 # "sigterm_after_shard" / "sigterm_after_batch": SIGTERM to this process once its first shard
 # is written / its first batch of samples drawn;
-# "slow": each shard write / batch of samples takes 0.3 s more, as on a real data set, so that
-# a stop agreed between processes (JAX's preemption sync takes some 0.5 s) lands mid-way.
+# "slow": each shard write takes 1 s more and each batch of samples 0.3 s more, as on a real
+# data set, so that a stop agreed between processes lands mid-way: JAX's preemption sync takes
+# some 0.5 s, more on a busy machine, and a generation process writes only 4 shards.
 DRIVER = r"""
 import os, signal, sys, time
 from absl import app
@@ -60,7 +61,7 @@ def write(*args, **kwargs):
     faults.remove("sigterm_after_shard")
     os.kill(os.getpid(), signal.SIGTERM)
   if "slow" in faults:
-    time.sleep(0.3)
+    time.sleep(1.0)
   return path
 
 def update_batch(self, n):

@@ -2,7 +2,9 @@
 shards, a group at a time, its copies never exceed data.cache_gb, and its batches are those of
 the same data set read in place."""
 import os
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -105,6 +107,42 @@ def test_each_process_copies_only_its_shards_within_the_bound(datasets, tmp_path
   # nothing else in the cache: no whole copy of the data set
   assert {os.path.relpath(os.path.dirname(n), storage.cache_path(remote))
           for n in _files(str(tmp_path / "cache"))} <= {"host-0", "host-1"}
+
+
+def _waiting_for_copies():
+  """The threads of this process that wait in storage.wait_for_copy now."""
+  return [thread for thread, frame in sys._current_frames().items()  # pylint: disable=protected-access
+          if any(f.f_code is storage.wait_for_copy.__code__
+                 for f in _frames(frame))]
+
+
+def _frames(frame):
+  while frame is not None:
+    yield frame
+    frame = frame.f_back
+
+
+def test_a_closed_iterator_leaves_no_thread_waiting_for_a_copy(datasets, tmp_path, monkeypatch):
+  # Grain's read-ahead threads ask for batches whose shards are not wanted yet; one left waiting
+  # after the close is joined at interpreter exit, so the process would never end.
+  _, remote, cache_gb = datasets
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+  iterator = trajectories.batch_iterator(remote, global_batch_size=8, seed=3, process_index=0,
+                                         process_count=2, cache_gb=cache_gb)
+  waited = False
+  for _ in range(12):  # until the read-ahead reaches shards not yet wanted
+    next(iterator)
+    deadline = time.monotonic() + 1
+    while not (waited := bool(_waiting_for_copies())) and time.monotonic() < deadline:
+      time.sleep(0.02)
+    if waited:
+      break
+  assert waited  # else this test would check nothing
+  iterator.close()
+  deadline = time.monotonic() + 10
+  while _waiting_for_copies() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not _waiting_for_copies()
 
 
 def test_the_noise_check_copies_one_shard_and_deletes_it(emulator, tmp_path, monkeypatch):  # noqa: F811

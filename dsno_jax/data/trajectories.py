@@ -333,12 +333,13 @@ class _Records:
     self.shard_size = metadata["shard_size"]
     self.total = num_shards(metadata["num_examples"], self.shard_size)
     self._readers, self._lock = {}, threading.Lock()
+    self.closed = threading.Event()  # set at close: read-ahead threads stop waiting for copies
 
-  def __getstate__(self):  # readers and locks stay in their process
-    return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_lock")}
+  def __getstate__(self):  # readers, locks and events stay in their process
+    return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_lock", "closed")}
 
   def __setstate__(self, state):
-    self.__dict__.update(state, _readers={}, _lock=threading.Lock())
+    self.__dict__.update(state, _readers={}, _lock=threading.Lock(), closed=threading.Event())
 
   def _reader(self, shard: int):
     with self._lock:
@@ -346,7 +347,7 @@ class _Records:
         return self._readers[shard]
     path = shard_path(self.directory, shard, self.total)
     local = path if self.copies is None else storage.wait_for_copy(
-        os.path.join(self.copies, os.path.basename(path)), path)
+        os.path.join(self.copies, os.path.basename(path)), path, abandoned=self.closed)
     reader = _open_shard(self.directory, self.metadata, shard, local)
     if not self.keep_open:
       return reader
@@ -483,6 +484,7 @@ class _HostReading:
     self._resident = resident
 
   def close(self) -> None:
+    self.records.closed.set()
     if self._prefetcher is not None:
       self._prefetcher.close()
 
