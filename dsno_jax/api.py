@@ -67,7 +67,7 @@ class Student(_Model):
 
     Sample i depends only on (seed, i, its label), never on the device count or batch_size:
     `sample(n, seed=s)` are the first n samples of --mode=sample with --config.seed=s.
-    labels: None (each sample's own seeded label), one class, or (n,) classes.
+    labels: None (sample i has class i mod num_classes), one class, or (n,) classes.
     """
     config = self._run_config(n, seed, batch_size)
     _, _, outputs = sampling.draw_samples(config, self.params, int(n), config.eval.batch_size,
