@@ -105,9 +105,9 @@ def make_sampler(config, mesh, given_labels: bool = False) -> Callable:
   """jit (params, indices (B,)[, labels (B,)] on `data`) -> (noise, labels, outputs
   (B, K, H, W, C)).
 
-  Example i's noise (and, unless `given_labels`, its label) comes from the same per-index keys
-  as the trajectories, offset by SAMPLE_SEED_OFFSET, so any sample can be redrawn alone on any
-  number of devices.
+  Example i's noise comes from the same per-index keys as the trajectories, offset by
+  SAMPLE_SEED_OFFSET, and (unless `given_labels`) its label is i mod num_classes
+  (`sample_inputs`), so any sample can be redrawn alone on any number of devices.
   """
   model = models.student_from_config(config)
   logsnr = jnp.asarray(diffusion.save_logsnrs(config))
