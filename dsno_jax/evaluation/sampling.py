@@ -70,11 +70,11 @@ def sample_inputs(config, indices):
   uniform draws of 1,000 labels vary each class's share by some 10%.
   """
   size, channels = config.data.image_size, config.data.channels
+  # num_classes=1: the noise alone (it does not depend on the class count); labels below
   noise, labels = noise_lib.example_inputs(indices, seed=config.seed + SAMPLE_SEED_OFFSET,
-                                           image_shape=(size, size, channels),
-                                           num_classes=config.data.num_classes)
+                                           image_shape=(size, size, channels), num_classes=1)
   if config.data.num_classes > 1:
-    labels = (jnp.asarray(indices) % config.data.num_classes).astype(labels.dtype)
+    labels = (jnp.asarray(indices) % config.data.num_classes).astype(jnp.int32)
   return noise, labels
 
 
