@@ -38,14 +38,14 @@ def get_config():
   train.milestones, train.ema_decay, train.grad_clip = (320,), 0.999, 1.0
   train.loss, train.time_weighting, train.init_from_teacher = "l1", "snr", True
   train.log_every, train.checkpoint_every, train.sample_every = 25, 100, 100
-  # DMD refinement of the one-step output (README, "Refinement"): 400 updates, 100 of them the
+  # DMD refinement of the one-step output (README, "Refinement"): 200 updates, 50 of them the
   # generator's (fake_steps=4), from the exported student; the digits' own settings, tuned here
   # (not DMD2's): Adam with b1 = 0, no weight decay, a 10x faster fake denoiser, an EMA
   refine = config.refine
-  refine.in_pipeline, refine.batch_size, refine.num_steps, refine.fake_steps = True, 64, 400, 4
-  refine.learning_rate, refine.fake_learning_rate, refine.ema_decay = 1e-5, 1e-4, 0.99
+  refine.in_pipeline, refine.batch_size, refine.num_steps, refine.fake_steps = True, 64, 200, 4
+  refine.learning_rate, refine.fake_learning_rate, refine.ema_decay = 2e-5, 2e-4, 0.99
   refine.b1, refine.weight_decay, refine.grad_clip = 0.0, 0.0, 1.0
-  refine.log_every, refine.checkpoint_every = 50, 200
+  refine.log_every, refine.checkpoint_every = 50, 100
   evaluation = config.eval
   evaluation.num_samples, evaluation.batch_size = 800, 200
   # no 64-step rows: the dopri5 row is the accurate solve, and they cost a third of the stage

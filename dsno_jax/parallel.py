@@ -1,6 +1,7 @@
 """Device mesh, shardings, per-host input, gathering to the host, multi-process start-up, and one
 failed process stopping them all."""
 import atexit
+import concurrent.futures
 import logging as python_logging
 import os
 import sys
@@ -242,9 +243,44 @@ def compile_in_lockstep(jitted, *args, name: str = "compiled"):
   than ~30 s apart, which uneven compile times easily cause; compiling first and meeting
   at a barrier keeps them together. On one process this is just lower + compile.
   """
-  compiled = jitted.lower(*args).compile()
+  compiled = lower_and_compile(jitted, *args)
   barrier(f"dsno_jax:{name}")
   return compiled
+
+
+def lower_and_compile(jitted, *args):
+  """jitted lowered and compiled for args (arrays or jax.ShapeDtypeStructs)."""
+  return jitted.lower(*args).compile()
+
+
+class AheadOfTime:
+  """Compiles programs on worker threads before they are needed; `get` returns one once every
+  process has it, as compile_in_lockstep does.
+
+  XLA compiles without holding the GIL, so a program compiles while others compile or run.
+  The workers never wait for other processes (the barrier is in `get`, on the calling thread,
+  in the order the programs are used), so a failed process cannot leave one of them blocked.
+  """
+
+  def __init__(self, workers: int = 2):
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers, "dsno_jax-compile")
+    self._programs = {}
+
+  def start(self, key, compile_fn: Callable, *args) -> None:
+    """Begins compile_fn(*args) (e.g. lower_and_compile) under `key`, unless begun already."""
+    if key not in self._programs:
+      self._programs[key] = self._pool.submit(compile_fn, *args)
+
+  def get(self, key, compile_fn: Callable, *args, name: str = "compiled"):
+    """The program under `key` (begun now if it was not), once every process has it."""
+    self.start(key, compile_fn, *args)
+    program = self._programs[key].result()
+    barrier(f"dsno_jax:{name}")
+    return program
+
+  def close(self) -> None:
+    """Drops what was not begun; waits only for the compilations under way."""
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def to_host(tree, mesh: Mesh):

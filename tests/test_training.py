@@ -186,3 +186,44 @@ def test_train_student_reads_the_trajectory_dataset_and_starts_from_the_teacher(
   config.trajectory.save_times = (0.5, 0.25, 0.1, 0.0)
   with pytest.raises(ValueError, match="were saved at log-SNRs"):
     runs.train_student(config, str(tmp_path))
+
+
+def test_ahead_of_time_compiles_each_program_once_and_raises_its_errors_at_get():
+  from dsno_jax import parallel
+  calls = []
+
+  def compile_twice(x):
+    calls.append(x.shape)
+    return parallel.lower_and_compile(jax.jit(lambda a: 2 * a), x)
+
+  spec = jax.ShapeDtypeStruct((3,), np.float32)
+  ahead = parallel.AheadOfTime()
+  try:
+    ahead.start("double", compile_twice, spec)
+    ahead.start("double", compile_twice, spec)  # begun already: no second compilation
+    program = ahead.get("double", compile_twice, spec)
+    np.testing.assert_array_equal(program(np.arange(3, dtype=np.float32)), [0.0, 2.0, 4.0])
+    assert calls == [(3,)]
+    ahead.start("broken", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+      ahead.get("broken", lambda: 1 / 0)
+  finally:
+    ahead.close()
+
+
+def test_the_loop_compiles_each_program_once(tmp_path, pool, monkeypatch):
+  from dsno_jax import parallel
+  compile_for, programs = parallel.lower_and_compile, []
+
+  def counting(jitted, *args):
+    programs.append(jitted)
+    return compile_for(jitted, *args)
+
+  monkeypatch.setattr(parallel, "lower_and_compile", counting)
+  result = helpers.run_student(tmp_path, pool, num_steps=6, mesh=mesh_of(1), checkpoint_every=3,
+                               sample_every=3)
+  assert [h["step"] for h in result.history] == list(range(1, 7))
+  names = [p.__name__ for p in programs]
+  # the step, the check before each of the 2 saves, the sampler of each of the 2 grids
+  assert names.count("train_step") == names.count("check") == 1, names
+  assert len(set(map(id, programs))) == len(programs), names

@@ -335,6 +335,26 @@ def evaluate(config, workdir: str) -> Dict:
   # every pass pads its batches to this multiple of the device count and drops the padding
   parallel.round_up_batch(config.eval.batch_size, mesh.devices.size, name="eval.batch_size")
   teacher_rows = parse_teacher_rows(config.eval.teacher_rows)
+  ahead, denoise, identity = parallel.AheadOfTime(), None, None
+  try:
+    if teacher_rows:  # their samplers compile while the features and the student's rows run
+      denoise, identity = loading.load_teacher(config, workdir)
+      for solver, values in teacher_rows:
+        for value in values:
+          ahead.start((solver, value), sampling.compile_teacher_sampler, config, denoise, mesh,
+                      solver, *_row_settings(solver, value))
+    return _evaluate(config, workdir, mesh, teacher_rows, ahead, denoise, identity)
+  finally:
+    ahead.close()
+
+
+def _row_settings(solver: str, value: float) -> Tuple[int, float]:
+  """(nfe, tolerance) of the teacher row `solver:value`."""
+  adaptive = solver in ode.ADAPTIVE_SOLVERS
+  return (1, value) if adaptive else (int(value), 1e-4)
+
+
+def _evaluate(config, workdir, mesh, teacher_rows, ahead, denoise, identity) -> Dict:
   features = feature_function(config, workdir, mesh)
   name = features.name
   batch = config.eval.batch_size
@@ -386,15 +406,14 @@ def evaluate(config, workdir: str) -> Dict:
     rows.append({"model": "DSNO refined", "solver": "one step", "nfe": 1, **refined})
     points["DSNO refined (1 NFE)"] = (1.0, refined["metric"])
     logging.info("DSNO refined one step: %s %.4g", name, refined["metric"])
-  identity = None
-  if teacher_rows:
-    denoise, identity = loading.load_teacher(config, workdir)
   for solver, values in teacher_rows:
     adaptive = solver in ode.ADAPTIVE_SOLVERS
     for value in values:
+      nfe, tolerance = _row_settings(solver, value)
+      sampler = ahead.get((solver, value), sampling.compile_teacher_sampler, config, denoise,
+                          mesh, solver, nfe, tolerance, name=f"teacher_{solver}_{value:g}")
       images, labels, mean_nfe = sampling.teacher_samples(
-          config, denoise, solver, mesh, nfe=1 if adaptive else int(value),
-          tolerance=value if adaptive else 1e-4)
+          config, denoise, solver, mesh, nfe=nfe, tolerance=tolerance, sampler=sampler)
       label = f"{solver} (tol {value:g})" if adaptive else solver
       row, _ = score(images, labels if conditional else None, features, reference,
                      memorization, what=f"teacher {label}")

@@ -164,12 +164,29 @@ def make_teacher_sampler(config, mesh, solver: str, num_steps: int = 1,
                  out_shardings=(data,) * 4)
 
 
+def compile_teacher_sampler(config, denoise, mesh, solver: str, nfe: int = 1,
+                            tolerance: float = 1e-4):
+  """make_teacher_sampler(...) lowered and compiled for `denoise` and the batches of
+  `teacher_samples` (config.eval.batch_size, rounded as `parallel.draw` rounds it): what
+  teacher_samples takes as `sampler` when labels are the examples' own."""
+  batch = parallel.round_up_batch(min(config.eval.batch_size, config.eval.num_samples),
+                                  mesh.devices.size)
+  whole = NamedSharding(mesh, PartitionSpec())
+  denoise = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=whole), denoise)
+  indices = jax.ShapeDtypeStruct((batch,), jnp.int32,
+                                 sharding=NamedSharding(mesh, PartitionSpec("data")))
+  jitted = make_teacher_sampler(config, mesh, solver, nfe, tolerance)
+  return jitted.lower(denoise, indices).compile()
+
+
 def teacher_samples(config, denoise, solver: str, mesh, *, nfe: int = 1, tolerance: float = 1e-4,
-                    num_samples: Optional[int] = None, labels=None
+                    num_samples: Optional[int] = None, labels=None, sampler=None
                     ) -> Tuple[np.ndarray, np.ndarray, float]:
   """(uint8 samples (N, H, W, C), labels (N,), mean NFE per sample) of the teacher with
   `solver` at `nfe` (fixed-step) or `tolerance` (adaptive); N = num_samples, by default
-  config.eval.num_samples; `labels` (N,) replace the examples' own.
+  config.eval.num_samples; `labels` (N,) replace the examples' own; `sampler`: the program of
+  `compile_teacher_sampler` for these settings, or None to compile one here.
 
   A fixed-step solver at "NFE n" makes exactly n network evaluations per sample (ode.nfe).
   """
@@ -183,9 +200,10 @@ def teacher_samples(config, denoise, solver: str, mesh, *, nfe: int = 1, toleran
   num_samples = config.eval.num_samples if num_samples is None else num_samples
   columns = () if labels is None else (check_labels(config, labels, num_samples),)
   what = f"teacher {solver} " + (f"tol {tolerance:g}" if adaptive else f"NFE {nfe}")
-  labels, x_hat, count, successful = draw_logged(
-      make_teacher_sampler(config, mesh, solver, nfe, tolerance, bool(columns)), denoise,
-      num_samples, config.eval.batch_size, mesh, what, columns)
+  if sampler is None or columns:
+    sampler = make_teacher_sampler(config, mesh, solver, nfe, tolerance, bool(columns))
+  labels, x_hat, count, successful = draw_logged(sampler, denoise, num_samples,
+                                                 config.eval.batch_size, mesh, what, columns)
   if not successful.all():
     logging.warning("%s: %d of %d adaptive solves ran out of steps (MAX_ADAPTIVE_STEPS=%d)",
                     what, int(np.sum(~successful)), len(successful), ode.MAX_ADAPTIVE_STEPS)

@@ -27,6 +27,9 @@ def _stop_profile(state) -> bool:
   return False
 
 
+# Every kind of update occurs within this many steps (refine's cycle is refine.fake_steps long).
+_KIND_LOOKAHEAD = 64
+
 # Settings that count steps or examples: each must be a positive integer.
 _POSITIVE_SETTINGS = ("batch_size", "num_steps", "log_every", "checkpoint_every",
                       "keep_checkpoints", "grad_accum")
@@ -129,8 +132,6 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
     reporting.log_parameters(state.params, workdir, role)
   else:
     logging.info("%s: resuming at step %d", role, start)
-  report = reporting.progress(settings.num_steps, writer)
-  history, pending, preempted = [], [], False
   batches = make_batches(start) if start < settings.num_steps else iter(())  # reads ahead
 
   def next_batch():
@@ -138,22 +139,53 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
     return parallel.global_batch({k: local[k] for k in objective.batch_keys}, mesh)
 
   kind_of = objective.step_kind or (lambda step: None)
-  # compiled on first use, per kind of update; the check at the first save (most runs save
-  # rarely, and a run that never reaches a save never pays for its compilation)
-  programs, checks, upcoming, profiling = {}, {}, None, False
+  ahead, upcoming = parallel.AheadOfTime(), None
+  try:
+    if start < settings.num_steps:
+      upcoming = next_batch()
+      _compile_ahead(ahead, run, settings, kind_of, start, state, upcoming, frozen)
+    return _steps(config, workdir, objective, next_batch, mesh, run, manager, section, writer,
+                  state, start, upcoming, frozen, ahead)
+  finally:
+    ahead.close()
 
-  def compiled(cache, jitted, name, kind, *args):
-    if kind not in cache:
-      suffix = "" if kind is None else f"_{kind}"
-      cache[kind] = parallel.compile_in_lockstep(jitted, *args, kind,
-                                                 name=f"{role}_{name}{suffix}")
-    return cache[kind]
 
+def _compile_ahead(ahead, run, settings, kind_of, start: int, state, batch, frozen):
+  """Begins compiling, in this order, what the run from `start` will use: the first step's
+  program, the other kinds of update, the check at the first save, the sample program."""
+  # shapes and shardings only: the workers must not read arrays the steps donate
+  state, batch, frozen = (jax.tree_util.tree_map(_abstract, t) for t in (state, batch, frozen))
+  last = settings.num_steps
+  for step in range(start, min(last, start + _KIND_LOOKAHEAD)):
+    ahead.start(("train_step", kind_of(step)), parallel.lower_and_compile, run.train_step, state,
+                batch, frozen, kind_of(step))
+  first_save = min(last, (start // settings.checkpoint_every + 1) * settings.checkpoint_every)
+  ahead.start(("next_step_check", kind_of(first_save)), parallel.lower_and_compile,
+              run.next_step_check, state, batch, frozen, kind_of(first_save))
+  if settings.sample_every and run.sample and start + settings.sample_every <= last:
+    ahead.start("sample", parallel.lower_and_compile, run.sample, state.ema_params)
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.aval.weak_type)
+
+
+def _steps(config, workdir, objective, next_batch, mesh, run, manager, section, writer, state,
+           start, upcoming, frozen, ahead) -> RunResult:
+  settings, role = objective.settings, objective.role
+  kind_of = objective.step_kind or (lambda step: None)
+
+  def program(what, kind, *args):
+    """The compiled run.train_step or run.next_step_check of `kind`, each compiled once."""
+    suffix = "" if kind is None else f"_{kind}"
+    return ahead.get((what, kind), parallel.lower_and_compile, getattr(run, what), *args, kind,
+                     name=f"{role}_{what}{suffix}")
+  report = reporting.progress(settings.num_steps, writer)
+  history, pending, preempted, profiling = [], [], False, False
   with preemption.listening():
     for step in range(start, settings.num_steps):
       batch, upcoming = next_batch() if upcoming is None else upcoming, None
-      train_step = compiled(programs, run.train_step, "train_step", kind_of(step), state,
-                            batch, frozen)
+      train_step = program("train_step", kind_of(step), state, batch, frozen)
       if config.profile and step == start + 1:  # after compilation; 3 steps
         jax.profiler.start_trace(Workdir(workdir).profile(role))
         profiling = True
@@ -173,12 +205,12 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
         pending = []
       if save_now:
         upcoming = next_batch()  # the batch of step done + 1, which the saved state must survive
-        check = compiled(checks, run.next_step_check, "next_step_check", kind_of(done), state,
-                         upcoming, frozen)
+        check = program("next_step_check", kind_of(done), state, upcoming, frozen)
         _check_savable(check, state, upcoming, frozen, done, manager, section)
         checkpoints.save(manager, state, force=preempted)
       if settings.sample_every and done % settings.sample_every == 0 and run.sample:
-        sample = parallel.compile_in_lockstep(run.sample, state.ema_params, name="sample")
+        sample = ahead.get("sample", parallel.lower_and_compile, run.sample, state.ema_params,
+                           name=f"{role}_sample")
         images = parallel.to_host(sample(state.ema_params), mesh)
         reporting.write_samples(writer, workdir, role, done, images, objective.sample_labels)
       if preempted:
