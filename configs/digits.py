@@ -1,6 +1,6 @@
 """The embedded default: scikit-learn's 8x8 digits, a small class-conditional UNet, CPU-sized.
 
-Sized so that the whole pipeline runs in about 20 minutes on a 2-core CPU, at the data's own
+Sized so that the whole pipeline runs in about 9 minutes on a 2-core CPU, at the data's own
 resolution (the measured runs and the reason for each size: benchmarks/README.md, "Figures
 from the code's docstrings").
 """

@@ -138,12 +138,11 @@ def _train(config, workdir, objective, make_batches, mesh, run, manager, section
     local = next(batches)
     return parallel.global_batch({k: local[k] for k in objective.batch_keys}, mesh)
 
-  kind_of = objective.step_kind or (lambda step: None)
   ahead, upcoming = parallel.AheadOfTime(), None
   try:
     if start < settings.num_steps:
       upcoming = next_batch()
-      _compile_ahead(ahead, run, settings, kind_of, start, state, upcoming, frozen)
+      _compile_ahead(ahead, run, settings, _kind_of(objective), start, state, upcoming, frozen)
     return _steps(config, workdir, objective, next_batch, mesh, run, manager, section, writer,
                   state, start, upcoming, frozen, ahead)
   finally:
@@ -166,20 +165,25 @@ def _compile_ahead(ahead, run, settings, kind_of, start: int, state, batch, froz
     ahead.start("sample", parallel.lower_and_compile, run.sample, state.ema_params)
 
 
+def _kind_of(objective: Objective) -> Callable:
+  """step -> the kind of that update (None for objectives with one kind)."""
+  return objective.step_kind or (lambda step: None)
+
+
 def _abstract(x) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.aval.weak_type)
 
 
 def _steps(config, workdir, objective, next_batch, mesh, run, manager, section, writer, state,
            start, upcoming, frozen, ahead) -> RunResult:
-  settings, role = objective.settings, objective.role
-  kind_of = objective.step_kind or (lambda step: None)
+  settings, role, kind_of = objective.settings, objective.role, _kind_of(objective)
 
   def program(what, kind, *args):
     """The compiled run.train_step or run.next_step_check of `kind`, each compiled once."""
     suffix = "" if kind is None else f"_{kind}"
     return ahead.get((what, kind), parallel.lower_and_compile, getattr(run, what), *args, kind,
                      name=f"{role}_{what}{suffix}")
+
   report = reporting.progress(settings.num_steps, writer)
   history, pending, preempted, profiling = [], [], False, False
   with preemption.listening():
