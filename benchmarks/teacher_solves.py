@@ -1,7 +1,7 @@
 """How accurate are the evaluation's teacher solves on a trained teacher? Measured on a finished
 digits pipeline's UNet teacher.
 
-  python benchmarks/teacher_solves.py --workdir W [--config configs/digits.py]
+  python benchmarks/teacher_solves.py --workdir W [--config digits]
       [--num_samples 200] [--out benchmarks/results/teacher_solves]
 
 RMSE and largest error of the final x-hat (t=0) of each solve against a dopri5 solve at
@@ -10,6 +10,7 @@ examples, `evaluation.sampling.sample_inputs`), with each solve's mean NFE and s
 a markdown table; writes OUT.json and OUT.md.
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -30,32 +31,28 @@ SOLVES = (("dopri5", 1, 1e-4), ("dopri5", 1, 1e-5), ("phi2m", 32, None), ("phi2m
           ("phi3m", 32, None), ("phi3m", 64, None), ("phi3m", 128, None))
 
 
-def load_config(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("benchmark_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def solve(config, denoise, mesh, solver: str, steps: int, tolerance):
   """(x-hat (N, H, W, C) float64, mean NFE, seconds) of one solve of the first N examples."""
   n = config.eval.num_samples
   jitted = sampling.make_teacher_sampler(config, mesh, solver, steps, tolerance or 1e-4)
   start = time.time()
-  _, x_hat, nfe, _ = sampling.draw_logged(jitted, denoise, n, n, mesh, f"{solver} {steps}")
+  _, x_hat, nfe, successful = sampling.draw_logged(jitted, denoise, n, n, mesh,
+                                                   f"{solver} {steps}")
+  if not successful.all():
+    raise SystemExit(f"{solver}: {int(np.sum(~successful))} of {n} solves ran out of steps "
+                     f"(ode.MAX_ADAPTIVE_STEPS); their samples are not solutions")
   return x_hat.astype(np.float64), float(np.mean(nfe)), time.time() - start
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="a finished digits pipeline's workdir")
-  parser.add_argument("--config", default=os.path.join(ROOT, "configs", "digits.py"))
+  parser.add_argument("--config", default="digits", help="a module of configs/")
   parser.add_argument("--num_samples", type=int, default=200)
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                     "teacher_solves"))
   args = parser.parse_args()
-  config = load_config(args.config)
+  config = importlib.import_module(f"configs.{args.config}").get_config()
   config.eval.num_samples = config.eval.batch_size = args.num_samples
   mesh = parallel.make_mesh()
   denoise, identity = loading.load_teacher(config, args.workdir)

@@ -186,7 +186,8 @@ def teacher_samples(config, denoise, solver: str, mesh, *, nfe: int = 1, toleran
   """(uint8 samples (N, H, W, C), labels (N,), mean NFE per sample) of the teacher with
   `solver` at `nfe` (fixed-step) or `tolerance` (adaptive); N = num_samples, by default
   config.eval.num_samples; `labels` (N,) replace the examples' own; `sampler`: the program of
-  `compile_teacher_sampler` for these settings, or None to compile one here.
+  `compile_teacher_sampler` for these settings (it fits the evaluation's own examples only, so
+  with `labels` or another N one is compiled here instead), or None to compile one here.
 
   A fixed-step solver at "NFE n" makes exactly n network evaluations per sample (ode.nfe).
   """
@@ -200,7 +201,7 @@ def teacher_samples(config, denoise, solver: str, mesh, *, nfe: int = 1, toleran
   num_samples = config.eval.num_samples if num_samples is None else num_samples
   columns = () if labels is None else (check_labels(config, labels, num_samples),)
   what = f"teacher {solver} " + (f"tol {tolerance:g}" if adaptive else f"NFE {nfe}")
-  if sampler is None or columns:
+  if sampler is None or columns or num_samples != config.eval.num_samples:
     sampler = make_teacher_sampler(config, mesh, solver, nfe, tolerance, bool(columns))
   labels, x_hat, count, successful = draw_logged(sampler, denoise, num_samples,
                                                  config.eval.batch_size, mesh, what, columns)
